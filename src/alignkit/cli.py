@@ -36,19 +36,30 @@ ALIASES = {
     "--top-k": "generation.top_k",
     "--repetition-penalty": "generation.repetition_penalty",
     "--seed": "generation.seed",
+    "--output-dir": "train.output_dir",
+    "--overwrite": "train.overwrite",
+    "--packing": "train.packing",
+    "--resume": "train.resume",
 }
-BOOL_KEYS = {"data.train_on_prompt", "data.strict"}
+# flags that take no value; the value they set
+FLAG_VALUES = {
+    "data.train_on_prompt": "true",
+    "data.strict": "true",
+    "train.overwrite": "true",
+    "train.packing": "true",
+    "train.resume": "auto",
+}
 
 
 def _add_aliases(parser: argparse.ArgumentParser, flags: list[str]) -> None:
     for flag in flags:
         key = ALIASES[flag]
-        if key in BOOL_KEYS:
+        if key in FLAG_VALUES:
             parser.add_argument(
                 flag,
                 dest=key,
                 action="store_const",
-                const="true",
+                const=FLAG_VALUES[key],
                 default=argparse.SUPPRESS,
                 help=field_help(key),
             )
@@ -106,6 +117,12 @@ def cmd_chat(args: argparse.Namespace, extra: list[str]) -> None:
     print(chat_once(recipe, args.prompt, args.system))
 
 
+def cmd_sft(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.train.sft import train_sft
+
+    train_sft(_recipe(args, extra))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignkit",
@@ -160,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", help="Answer this one message and exit.")
     chat.add_argument("--system", help="System message for the conversation.")
     chat.set_defaults(handler=cmd_chat)
+
+    sft = _subparser(
+        subparsers,
+        "sft",
+        "Supervised fine-tuning (full weights, LoRA or QLoRA).",
+        ["model", "lora", "data", "train"],
+        [
+            "--model",
+            "--chat-template",
+            "--max-length",
+            "--train-on-prompt",
+            "--output-dir",
+            "--overwrite",
+            "--resume",
+            "--packing",
+        ],
+    )
+    sft.set_defaults(handler=cmd_sft)
     return parser
 
 

@@ -99,6 +99,47 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    output_dir: str = opt("runs/sft", "Where the run's weights, config, metrics and plots go.")
+    overwrite: bool = opt(
+        False, "Allow writing into a non-empty output_dir (its files may be replaced)."
+    )
+    epochs: int = opt(1, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = opt(0, "Optimizer steps to run; 0 = as many as `epochs` needs.")
+    micro_batch_size: int = opt(4, "Examples (or packed rows) per forward pass on each process.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    learning_rate: float = opt(2e-4, "Peak learning rate (AdamW).")
+    scheduler: Literal["cosine", "linear", "constant"] = opt(
+        "cosine", "Learning-rate decay after warmup."
+    )
+    warmup_ratio: float = opt(0.0, "Fraction of the steps spent warming up linearly from 0.")
+    warmup_steps: int = opt(0, "Warmup steps; when above 0 it replaces warmup_ratio.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this; 0 = no clipping.")
+    seed: int = opt(42, "Seed for initialisation, data order and dropout.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
+        "auto", "Autocast precision; auto = bf16 on a GPU that supports it, else none (fp32)."
+    )
+    packing: bool = opt(
+        False, "Put several examples in one row without padding (attention kept inside each)."
+    )
+    logging_steps: int = opt(1, "Log metrics every N optimizer steps.")
+    eval_fraction: float = opt(0.0, "Hold out this fraction of the data for eval loss.")
+    eval_steps: int = opt(
+        0, "Compute eval loss every N steps (and at the end); 0 = only at the end."
+    )
+    save_steps: int = opt(0, "Write a checkpoint every N steps; 0 = only at the end.")
+    save_total_limit: int = opt(2, "Keep the last K checkpoints.")
+    resume: Literal["no", "auto"] = opt(
+        "no", "auto = continue from the newest complete checkpoint."
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = opt(
+        "none", "Also log to TensorBoard or W&B."
+    )
+
+
+@dataclass
 class GenerationConfig:
     max_new_tokens: int = opt(256, "Most tokens generated per answer.")
     temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.")
@@ -115,6 +156,7 @@ class Recipe:
         help="LoRA settings (when model.adapter is lora or qlora).", factory=LoraConfig
     )
     data: DataConfig = opt(help="Data sources and tokenization.", factory=DataConfig)
+    train: TrainConfig = opt(help="Training loop.", factory=TrainConfig)
     generation: GenerationConfig = opt(help="Text generation.", factory=GenerationConfig)
 
 

@@ -1,0 +1,347 @@
+"""The training loop on Accelerate, shared by every stage.
+
+A stage supplies its rows, a `make_batch(rows)` and a `loss_sums(model, batch)` that
+returns (summed loss, normaliser count, metric sums). One optimizer step accumulates
+several micro-batches; the step's loss is the global sum over every micro-batch and
+process divided by the global count, so it is a mean over trained tokens, not a mean
+of per-micro-batch means. Data order is a seeded permutation per epoch, so a
+checkpoint records its position as (epoch, micro-batch) and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+
+from alignkit.config import TrainConfig
+from alignkit.errors import AlignkitError
+
+LossFn = Callable[[Any, Any], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    micro_batch: int = 0
+    trained_tokens: int = 0
+
+
+def micro_batches_per_epoch(n_rows: int, cfg: TrainConfig, world: int) -> int:
+    """Whole global micro-batches in an epoch (an incomplete last one is dropped)."""
+    return n_rows // (cfg.micro_batch_size * world)
+
+
+def total_steps(n_rows: int, cfg: TrainConfig, world: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = math.ceil(
+        micro_batches_per_epoch(n_rows, cfg, world) / cfg.gradient_accumulation_steps
+    )
+    return per_epoch * cfg.epochs
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_rows, generator=generator).tolist()
+
+
+def rank_rows(
+    order: list[int], micro_batch: int, cfg: TrainConfig, rank: int, world: int
+) -> list[int]:
+    """This process's share of one global micro-batch."""
+    start = (micro_batch * world + rank) * cfg.micro_batch_size
+    return order[start : start + cfg.micro_batch_size]
+
+
+def next_positions(
+    state: TrainState, n_rows: int, cfg: TrainConfig, world: int
+) -> list[tuple[int, int]]:
+    """(epoch, micro-batch) pairs of the next optimizer step; an epoch's tail ends a step early."""
+    per_epoch = micro_batches_per_epoch(n_rows, cfg, world)
+    if per_epoch == 0:
+        raise AlignkitError(
+            f"Only {n_rows} training rows: fewer than one micro-batch of {cfg.micro_batch_size} "
+            f"x {world} processes. Lower train.micro_batch_size or add data."
+        )
+    epoch, micro = state.epoch, state.micro_batch
+    if micro >= per_epoch:
+        epoch, micro = epoch + 1, 0
+    stop = min(per_epoch, micro + cfg.gradient_accumulation_steps)
+    return [(epoch, m) for m in range(micro, stop)]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def save_checkpoint(
+    directory: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState, keep: int
+) -> Path:
+    """Write checkpoint-{step} atomically (temporary dir, then rename); keep the last `keep`."""
+    final = directory / f"checkpoint-{state.step}"
+    tmp = directory / f".tmp-checkpoint-{state.step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        tmp / "optimizer.pt",
+    )
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state)))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(checkpoints(directory), key=_step_of)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints (temporary dirs are never listed)."""
+    return [p for p in directory.glob("checkpoint-*") if (p / "state.json").is_file()]
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    states = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+# ---------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """metrics.jsonl on the main process, plus TensorBoard or W&B when asked."""
+
+    def __init__(self, path: Path, report_to: str, active: bool, append: bool):
+        self.path, self.active, self.writer, self.wandb = path, active, None, None
+        if not active:
+            return
+        if not append:
+            path.write_text("")
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+        elif report_to == "wandb":
+            import wandb
+
+            self.wandb = wandb.init(project="alignkit", dir=str(path.parent))
+
+    def log(self, record: dict[str, float]) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        step = int(record["step"])
+        if self.writer:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(record, step=step)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class LoopParts:
+    """What a stage hands the loop."""
+
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    rows: list[Any]
+    make_batch: Callable[[list[Any]], Any]
+    loss_sums: LossFn
+    eval_rows: list[Any]
+    make_eval_batch: Callable[[list[Any]], Any]
+    cfg: TrainConfig
+    output_dir: Path
+
+
+def _step_sums(parts: LoopParts, batches: list[Any]) -> tuple[float, dict[str, float], int]:
+    """Forward and backward over one step's micro-batches; returns loss, metric sums, count."""
+    acc, model = parts.accelerator, parts.model
+    local = torch.tensor(float(sum(b.trained_tokens for b in batches)), device=acc.device)
+    count = acc.reduce(local, reduction="sum").item()
+    loss_total, metric_totals = torch.zeros((), device=acc.device), {}
+    for i, batch in enumerate(batches):
+        sync = acc.no_sync(model) if i < len(batches) - 1 else _null()
+        with sync, acc.autocast():
+            loss_sum, _, metrics = parts.loss_sums(model, batch.to(acc.device))
+            # DDP averages gradients over processes; scale so the result is sum / global count
+            acc.backward(loss_sum * acc.num_processes / max(count, 1))
+        loss_total += loss_sum.detach()
+        for key, value in metrics.items():
+            metric_totals[key] = metric_totals.get(key, 0.0) + value.detach()
+    loss = acc.reduce(loss_total, reduction="sum").item() / max(count, 1)
+    reduced = {
+        k: acc.reduce(v, reduction="sum").item() / max(count, 1) for k, v in metric_totals.items()
+    }
+    return loss, reduced, int(count)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
+@torch.no_grad()
+def evaluate(parts: LoopParts) -> float:
+    """Mean eval loss over trained tokens of the held-out rows (all processes)."""
+    acc, model = parts.accelerator, parts.model
+    model.eval()
+    loss_total = torch.zeros((), device=acc.device)
+    count_total = torch.zeros((), device=acc.device)
+    size = parts.cfg.micro_batch_size
+    shard = parts.eval_rows[acc.process_index :: acc.num_processes]
+    for start in range(0, len(shard), size):
+        batch = parts.make_eval_batch(shard[start : start + size]).to(acc.device)
+        with acc.autocast():
+            loss_sum, count, _ = parts.loss_sums(model, batch)
+        loss_total += loss_sum.float()
+        count_total += count.float()
+    model.train()
+    return (acc.reduce(loss_total, "sum") / acc.reduce(count_total, "sum").clamp(min=1)).item()
+
+
+def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
+    """Train to the configured number of steps, logging, evaluating and checkpointing."""
+    acc, cfg = parts.accelerator, parts.cfg
+    steps = total_steps(len(parts.rows), cfg, acc.num_processes)
+    state = TrainState()
+    if resume_from is not None:
+        state = load_checkpoint(
+            resume_from, acc.unwrap_model(parts.model), parts.optimizer, parts.scheduler
+        )
+    log = MetricsLog(
+        parts.output_dir / "metrics.jsonl",
+        cfg.report_to,
+        acc.is_main_process,
+        resume_from is not None,
+    )
+    trainable = [p for p in parts.model.parameters() if p.requires_grad]
+    parts.model.train()
+    with _progress(acc.is_main_process) as progress:
+        task = progress.add_task(
+            "train", total=steps, completed=state.step, loss=float("nan"), tps=0.0
+        )
+        while state.step < steps:
+            started = time.perf_counter()
+            positions = next_positions(state, len(parts.rows), cfg, acc.num_processes)
+            orders = {e: epoch_order(len(parts.rows), cfg.seed, e) for e, _ in positions}
+            batches = [
+                parts.make_batch(
+                    [
+                        parts.rows[i]
+                        for i in rank_rows(orders[e], m, cfg, acc.process_index, acc.num_processes)
+                    ]
+                )
+                for e, m in positions
+            ]
+            loss, metrics, count = _step_sums(parts, batches)
+            grad_norm = (
+                acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            )
+            lr = parts.scheduler.get_last_lr()[0]
+            parts.optimizer.step()
+            parts.scheduler.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+            state.epoch, state.micro_batch = positions[-1][0], positions[-1][1] + 1
+            state.step += 1
+            state.trained_tokens += count
+            elapsed = time.perf_counter() - started
+            record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
+                      "trained_tokens": state.trained_tokens, "tokens_per_s": count / elapsed, **metrics}  # fmt: skip
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            last = state.step == steps
+            if parts.eval_rows and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or last):
+                record["eval_loss"] = evaluate(parts)
+            if state.step % cfg.logging_steps == 0 or last or "eval_loss" in record:
+                log.log(record)
+            progress.update(task, completed=state.step, loss=loss, tps=count / elapsed)
+            if (cfg.save_steps and state.step % cfg.save_steps == 0) or last:
+                if acc.is_main_process:
+                    save_checkpoint(parts.output_dir, acc.unwrap_model(parts.model), parts.optimizer,
+                                    parts.scheduler, state, cfg.save_total_limit)  # fmt: skip
+                acc.wait_for_everyone()
+    log.close()
+    return state
+
+
+def _progress(active: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not active,
+    )

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_jsonl
+from safetensors.torch import load_file
+
+from alignkit.config import load_recipe
+from alignkit.data.batching import pack_rows, packed_batch, pad_batch
+from alignkit.data.tokenize import TokenizedExample
+from alignkit.errors import AlignkitError
+from alignkit.losses.sft import sft_loss_sum
+from alignkit.train.loop import read_metrics
+from alignkit.train.sft import train_sft
+
+ROWS = [
+    {"instruction": "Say red.", "output": "red red red"},
+    {"instruction": "Say blue.", "output": "blue blue"},
+    {"instruction": "Count to three.", "output": "one two three"},
+    {"instruction": "Greet me.", "output": "hello there friend"},
+]
+
+
+def recipe(tmp_path, model_dir, **train):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    overrides = [
+        ("model.name_or_path", str(model_dir)),
+        ("data.sources", str(data)),
+        ("data.max_length", "64"),
+    ]
+    settings = {"output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "learning_rate": "1e-2",
+                "max_steps": 4, **train}  # fmt: skip
+    overrides += [(f"train.{k}", str(v)) for k, v in settings.items()]
+    return load_recipe(None, overrides)
+
+
+def test_tiny_model_overfits_four_examples(tmp_path, tiny_model_dir):
+    out = train_sft(recipe(tmp_path, tiny_model_dir, max_steps=30, scheduler="constant"))
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    assert len(losses) == 30 and losses[-1] < 0.3 * losses[0]
+    for name in [
+        "model.safetensors",
+        "config.yaml",
+        "training_curves.png",
+        "tokenizer.json",
+        "chat_template.jinja",
+    ]:
+        assert (out / name).is_file(), name
+
+
+def test_lora_changes_only_adapter_weights(tmp_path, tiny_model_dir):
+    r = recipe(tmp_path, tiny_model_dir, max_steps=3)
+    r.model.adapter = "lora"
+    out = train_sft(r)
+    from alignkit.config import ModelConfig
+    from alignkit.models import load_model
+
+    base = load_file(tiny_model_dir / "model.safetensors")
+    trained = load_model(ModelConfig(name_or_path=str(out)))  # base + adapter
+    merged_base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                   for k, v in trained.state_dict().items() if "lora_" not in k}  # fmt: skip
+    for name, value in base.items():
+        assert torch.equal(merged_base[name], value), name  # bit-identical base weights
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0
+
+
+def test_masked_tokens_contribute_nothing():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 11, requires_grad=True)
+    labels = torch.tensor([[-100, -100, 3, 4, -100, 5]])
+    loss, n = sft_loss_sum(logits, labels)
+    # hand-worked: positions 1, 2 and 4 predict tokens 3, 4 and 5
+    logp = logits.log_softmax(-1)
+    expected = -(logp[0, 1, 3] + logp[0, 2, 4] + logp[0, 4, 5])
+    assert n.item() == 3 and torch.allclose(loss, expected)
+    loss.backward()
+    assert logits.grad[0, [0, 3, 5]].abs().sum() == 0  # no gradient through unlabelled positions
+
+
+def test_packed_loss_equals_unpacked(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    torch.manual_seed(1)
+    examples = [
+        TokenizedExample(torch.randint(0, 500, (n,)).tolist(), [i >= n // 3 for i in range(n)])
+        for n in (9, 5, 13, 7, 4)
+    ]
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+        )
+        loss_sum, n = sft_loss_sum(out.logits, batch.labels)
+        (loss_sum / n).backward()
+        return (loss_sum / n).item(), [p.grad.clone() for p in model.parameters()]
+
+    plain, plain_grads = loss_and_grads(pad_batch(examples, 0))
+    rows = pack_rows(examples, 20)
+    assert len(rows) < len(examples)
+    packed, packed_grads = loss_and_grads(packed_batch(rows, 0))
+    assert abs(plain - packed) < 1e-5
+    for a, b in zip(plain_grads, packed_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir, monkeypatch):
+    # 4 rows, micro-batch 2: 2 steps per epoch, so the run crosses epochs and reshuffles
+    full = train_sft(recipe(tmp_path / "a", tiny_model_dir, max_steps=6, save_steps=2))
+    expected = [r["loss"] for r in read_metrics(full / "metrics.jsonl")]
+
+    import alignkit.train.loop as loop
+
+    original = loop.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_second_save(*args, **kwargs):
+        path = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_second_save)
+    r = recipe(tmp_path / "b", tiny_model_dir, max_steps=6, save_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(r)
+    monkeypatch.setattr(loop, "save_checkpoint", original)
+    r.train.resume = "auto"
+    resumed = train_sft(r)
+    got = [x["loss"] for x in read_metrics(resumed / "metrics.jsonl")]
+    assert len(got) == 6
+    assert got == pytest.approx(expected, abs=1e-6)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_non_empty_output_dir_is_refused(tmp_path, tiny_model_dir):
+    r = recipe(tmp_path, tiny_model_dir)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    with pytest.raises(AlignkitError, match="not empty.*--overwrite.*--resume"):
+        train_sft(r)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_metrics_have_the_logged_fields(tmp_path, tiny_model_dir):
+    out = train_sft(
+        recipe(tmp_path, tiny_model_dir, max_steps=2, eval_fraction=0.25, micro_batch_size=1)
+    )
+    records = read_metrics(out / "metrics.jsonl")
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens"} <= set(records[0])
+    assert "eval_loss" in records[-1]
+    assert json.loads(json.dumps(records))  # plain JSON
