@@ -160,3 +160,25 @@ def test_metrics_have_the_logged_fields(tmp_path, tiny_model_dir):
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens"} <= set(records[0])
     assert "eval_loss" in records[-1]
     assert json.loads(json.dumps(records))  # plain JSON
+
+
+def test_trained_adapter_answers_through_chat(tmp_path, tiny_model_dir, capsys):
+    from alignkit.cli import main
+
+    r = recipe(tmp_path, tiny_model_dir, max_steps=2)
+    r.model.adapter = "lora"
+    out = train_sft(r)
+    capsys.readouterr()
+    assert main(["chat", str(out), "--prompt", "Say red.", "--max-new-tokens", "4"]) == 0
+    assert "<|im_end|>" not in capsys.readouterr().out
+
+
+def test_recipes_parse(tmp_path):
+    from pathlib import Path
+
+    files = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
+    assert len(files) == 1  # update when recipes are added, so none is silently skipped
+    for path in files:
+        loaded = load_recipe(path)
+        for source in loaded.data.sources:
+            assert Path(__file__).resolve().parents[1].joinpath(source.path).is_file(), source.path

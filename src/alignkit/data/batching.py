@@ -23,18 +23,15 @@ class Batch:
     labels: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
+    input_tokens: int
 
     @property
     def trained_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(
-            *(
-                t.to(device)
-                for t in (self.input_ids, self.labels, self.attention_mask, self.position_ids)
-            )
-        )
+        tensors = (self.input_ids, self.labels, self.attention_mask, self.position_ids)
+        return Batch(*(t.to(device) for t in tensors), self.input_tokens)
 
 
 def example_labels(example: TokenizedExample) -> list[int]:
@@ -56,7 +53,7 @@ def pad_batch(examples: list[TokenizedExample], pad_id: int) -> Batch:
         labels[row, :n] = torch.tensor(example_labels(example))
         mask[row, :n] = 1
     positions = torch.arange(width).expand(len(examples), width).clone()
-    return Batch(ids, labels, mask, positions)
+    return Batch(ids, labels, mask, positions, sum(len(e.input_ids) for e in examples))
 
 
 def pack_rows(examples: list[TokenizedExample], max_length: int) -> list[list[TokenizedExample]]:
@@ -106,4 +103,5 @@ def packed_batch(
             positions[r, start : start + n] = torch.arange(n)
             sequence[r, start : start + n] = k
             start += n
-    return Batch(ids, labels, block_causal_mask(sequence, dtype), positions)
+    tokens = sum(len(e.input_ids) for row in rows for e in row)
+    return Batch(ids, labels, block_causal_mask(sequence, dtype), positions, tokens)

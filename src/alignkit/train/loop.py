@@ -304,6 +304,10 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
                 for e, m in positions
             ]
             loss, metrics, count = _step_sums(parts, batches)
+            local_tokens = torch.tensor(
+                float(sum(b.input_tokens for b in batches)), device=acc.device
+            )
+            input_tokens = acc.reduce(local_tokens, reduction="sum").item()
             grad_norm = (
                 acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             )
@@ -316,7 +320,7 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
             state.trained_tokens += count
             elapsed = time.perf_counter() - started
             record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
-                      "trained_tokens": state.trained_tokens, "tokens_per_s": count / elapsed, **metrics}  # fmt: skip
+                      "trained_tokens": state.trained_tokens, "tokens_per_s": input_tokens / elapsed, **metrics}  # fmt: skip
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             last = state.step == steps
@@ -324,7 +328,7 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
                 record["eval_loss"] = evaluate(parts)
             if state.step % cfg.logging_steps == 0 or last or "eval_loss" in record:
                 log.log(record)
-            progress.update(task, completed=state.step, loss=loss, tps=count / elapsed)
+            progress.update(task, completed=state.step, loss=loss, tps=input_tokens / elapsed)
             if (cfg.save_steps and state.step % cfg.save_steps == 0) or last:
                 if acc.is_main_process:
                     save_checkpoint(parts.output_dir, acc.unwrap_model(parts.model), parts.optimizer,

@@ -65,10 +65,10 @@ def make_optimizer(model: Any, cfg: TrainConfig, steps: int) -> tuple[Any, Any]:
 
 
 def save_outputs(
-    out: Path, model: Any, tokenizer: Any, template: ChatTemplate, recipe: Recipe
+    out: Path, model: Any, state_dict: dict, tokenizer: Any, template: ChatTemplate, recipe: Recipe
 ) -> None:
     """Final weights (adapter or full safetensors), tokenizer with the template used, config."""
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tokenizer.chat_template = template.source
     tokenizer.save_pretrained(out)
     save_recipe(recipe, out)

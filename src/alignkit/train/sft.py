@@ -42,9 +42,9 @@ def sft_loss_sums(
 def train_sft(recipe: Recipe, console: Console | None = None) -> Path:
     console = console or Console()
     cfg = recipe.train
+    accelerator = make_accelerator(cfg, resolve_device(recipe.model.device))
     out, resume_from = prepare_output_dir(cfg)
-    device = resolve_device(recipe.model.device)
-    accelerator = make_accelerator(cfg, device)
+    accelerator.wait_for_everyone()  # every rank has checked the dir before rank 0 writes to it
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model)
     template = resolve_template(recipe.model.chat_template, tokenizer)
@@ -80,8 +80,9 @@ def train_sft(recipe: Recipe, console: Console | None = None) -> Path:
     if resume_from is not None and accelerator.is_main_process:
         console.print(f"resuming from {resume_from}")
     run_loop(parts, resume_from)
+    state_dict = accelerator.get_state_dict(model)  # on every rank: gathers FSDP / ZeRO-3 shards
     if accelerator.is_main_process:
-        save_outputs(out, accelerator.unwrap_model(model), tokenizer, template, recipe)
+        save_outputs(out, accelerator.unwrap_model(model), state_dict, tokenizer, template, recipe)
         plot_curves(
             read_metrics(out / "metrics.jsonl"),
             [["loss", "eval_loss"], ["lr"]],

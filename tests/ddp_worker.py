@@ -1,0 +1,58 @@
+"""Run by tests/test_ddp.py under `accelerate launch --num_processes 2`: trains, then
+records per rank which rows it saw, a hash of its final weights, and whether it saved."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import alignkit.train.loop as loop
+import alignkit.train.sft as sft
+from alignkit.cli import parse_overrides
+from alignkit.config import load_recipe
+
+seen: list[int] = []
+saved: list[str] = []
+captured: dict = {}
+rank_rows = loop.rank_rows
+save_outputs = sft.save_outputs
+run_loop = sft.run_loop
+
+
+def capture_model(parts, resume_from=None):
+    captured["model"] = parts.model
+    return run_loop(parts, resume_from)
+
+
+def record_rows(order, micro_batch, cfg, rank, world):
+    rows = rank_rows(order, micro_batch, cfg, rank, world)
+    seen.extend(rows)
+    return rows
+
+
+def record_save(out, model, *args):
+    saved.append(str(out))
+    return save_outputs(out, model, *args)
+
+
+loop.rank_rows = record_rows
+sft.save_outputs = record_save
+sft.run_loop = capture_model
+report = Path(sys.argv[1])
+recipe = load_recipe(None, parse_overrides(sys.argv[2:]))
+out = sft.train_sft(recipe)
+
+from accelerate import PartialState  # noqa: E402
+
+state = PartialState()
+digest = hashlib.sha256()
+model = captured["model"]
+for name, param in sorted(model.state_dict().items()):
+    digest.update(name.encode() + param.detach().cpu().numpy().tobytes())
+(report / f"rank{state.process_index}.json").write_text(
+    json.dumps(
+        {"rows": seen, "weights": digest.hexdigest(), "saved": saved, "world": state.num_processes}
+    )
+)

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import write_jsonl
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def test_two_processes_split_the_batch_and_end_identical(tmp_path, tiny_model_dir):
+    rows = [{"instruction": f"task {i}", "output": f"answer {i}"} for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        str(WORKER), str(tmp_path),
+        f"model.name_or_path={tiny_model_dir}", "model.device=cpu", f"data.sources={data}",
+        f"train.output_dir={tmp_path / 'out'}", "train.micro_batch_size=2", "train.max_steps=2",
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    # 2 steps x 2 processes x 2 rows: all 8 rows seen once, none by both ranks
+    assert sorted(ranks[0]["rows"] + ranks[1]["rows"]) == list(range(8))
+    assert ranks[0]["saved"] == [str(tmp_path / "out")] and ranks[1]["saved"] == []
+    assert (tmp_path / "out" / "model.safetensors").is_file()
