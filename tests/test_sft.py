@@ -182,3 +182,16 @@ def test_recipes_parse(tmp_path):
         loaded = load_recipe(path)
         for source in loaded.data.sources:
             assert Path(__file__).resolve().parents[1].joinpath(source.path).is_file(), source.path
+
+
+def test_eval_loss_from_a_separate_source(tmp_path, tiny_model_dir):
+    r = recipe(tmp_path, tiny_model_dir, max_steps=2, eval_steps=1)
+    held_out = write_jsonl(
+        tmp_path / "eval.jsonl", [{"prompt": "Say green.", "completion": "green"}]
+    )
+    r.data.eval_sources = load_recipe(
+        None, [("data.eval_sources", str(held_out))]
+    ).data.eval_sources
+    records = read_metrics(train_sft(r) / "metrics.jsonl")
+    assert [("eval_loss" in x) for x in records] == [True, True]
+    assert records[0]["eval_loss"] != records[1]["eval_loss"]  # the model changed between evals

@@ -84,6 +84,10 @@ class DataConfig:
         help="Training data: one or more sources (a path string or a list of mappings).",
         factory=list,
     )
+    eval_sources: list[DataSource] = opt(
+        help="Held-out eval data from separate sources (instead of train.eval_fraction).",
+        factory=list,
+    )
     max_length: int = opt(1024, "Longest tokenized example (prompt + completion) kept.")
     max_prompt_length: int | None = opt(
         None,

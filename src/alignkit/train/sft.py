@@ -55,6 +55,10 @@ def train_sft(recipe: Recipe, console: Console | None = None) -> Path:
         )
     tokenized, report = tokenize_examples(examples, tokenizer, template, recipe.data)
     train_rows, eval_rows = split_eval(tokenized, cfg.eval_fraction, cfg.seed)
+    if recipe.data.eval_sources:
+        held_out, _ = load_mixture(recipe.data.eval_sources, recipe.data.strict, recipe.data.seed)
+        eval_rows, eval_report = tokenize_examples(held_out, tokenizer, template, recipe.data)
+        console.print(f"eval data: {eval_report.summary()}")
     if cfg.packing:
         train_rows = pack_rows(train_rows, recipe.data.max_length)
         make_batch = lambda rows: packed_batch(rows, tokenizer.pad_token_id)  # noqa: E731
