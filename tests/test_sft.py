@@ -195,3 +195,9 @@ def test_eval_loss_from_a_separate_source(tmp_path, tiny_model_dir):
     records = read_metrics(train_sft(r) / "metrics.jsonl")
     assert [("eval_loss" in x) for x in records] == [True, True]
     assert records[0]["eval_loss"] != records[1]["eval_loss"]  # the model changed between evals
+
+
+def test_report_to_tensorboard_writes_event_files(tmp_path, tiny_model_dir):
+    out = train_sft(recipe(tmp_path, tiny_model_dir, max_steps=2, report_to="tensorboard"))
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
