@@ -10,8 +10,7 @@ from pathlib import Path
 
 import alignkit.train.loop as loop
 import alignkit.train.sft as sft
-from alignkit.cli import parse_overrides
-from alignkit.config import load_recipe
+from alignkit.config import load_recipe, parse_overrides
 
 seen: list[int] = []
 saved: list[str] = []

@@ -201,3 +201,17 @@ def test_report_to_tensorboard_writes_event_files(tmp_path, tiny_model_dir):
     out = train_sft(recipe(tmp_path, tiny_model_dir, max_steps=2, report_to="tensorboard"))
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_eval_sources_keep_every_training_row(tmp_path, tiny_model_dir):
+    # eval_fraction 0.5 of 4 rows would leave 2 rows: one micro-batch per epoch, so step 2
+    # would start epoch 1. With separate eval sources all 4 rows train: both steps in epoch 0.
+    r = recipe(tmp_path, tiny_model_dir, max_steps=2, eval_fraction=0.5)
+    held_out = write_jsonl(
+        tmp_path / "eval.jsonl", [{"prompt": "Say green.", "completion": "green"}]
+    )
+    r.data.eval_sources = load_recipe(
+        None, [("data.eval_sources", str(held_out))]
+    ).data.eval_sources
+    records = read_metrics(train_sft(r) / "metrics.jsonl")
+    assert [x["epoch"] for x in records] == [0, 0]

@@ -16,6 +16,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,7 @@ def save_checkpoint(
     (tmp / "state.json").write_text(json.dumps(asdict(state)))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in sorted(checkpoints(directory), key=_step_of)[:-keep] if keep > 0 else []:
+    for old in checkpoints(directory)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -138,8 +139,9 @@ def _step_of(path: Path) -> int:
 
 
 def checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints (temporary dirs are never listed)."""
-    return [p for p in directory.glob("checkpoint-*") if (p / "state.json").is_file()]
+    """Complete checkpoints, oldest first (temporary dirs are never listed)."""
+    found = [p for p in directory.glob("checkpoint-*") if (p / "state.json").is_file()]
+    return sorted(found, key=_step_of)
 
 
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
@@ -220,14 +222,18 @@ class LoopParts:
     output_dir: Path
 
 
-def _step_sums(parts: LoopParts, batches: list[Any]) -> tuple[float, dict[str, float], int]:
-    """Forward and backward over one step's micro-batches; returns loss, metric sums, count."""
+def _step_sums(parts: LoopParts, batches: list[Any]) -> tuple[float, dict[str, float], int, int]:
+    """Forward and backward over one step's micro-batches.
+
+    Returns the loss, the metric means, and the global trained and input token counts.
+    """
     acc, model = parts.accelerator, parts.model
-    local = torch.tensor(float(sum(b.trained_tokens for b in batches)), device=acc.device)
-    count = acc.reduce(local, reduction="sum").item()
+    local = [sum(b.trained_tokens for b in batches), sum(b.input_tokens for b in batches)]
+    totals = acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum")
+    count, input_tokens = totals.tolist()
     loss_total, metric_totals = torch.zeros((), device=acc.device), {}
     for i, batch in enumerate(batches):
-        sync = acc.no_sync(model) if i < len(batches) - 1 else _null()
+        sync = acc.no_sync(model) if i < len(batches) - 1 else nullcontext()
         with sync, acc.autocast():
             loss_sum, _, metrics = parts.loss_sums(model, batch.to(acc.device))
             # DDP averages gradients over processes; scale so the result is sum / global count
@@ -239,15 +245,7 @@ def _step_sums(parts: LoopParts, batches: list[Any]) -> tuple[float, dict[str, f
     reduced = {
         k: acc.reduce(v, reduction="sum").item() / max(count, 1) for k, v in metric_totals.items()
     }
-    return loss, reduced, int(count)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None
+    return loss, reduced, int(count), int(input_tokens)
 
 
 @torch.no_grad()
@@ -303,11 +301,7 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
                 )
                 for e, m in positions
             ]
-            loss, metrics, count = _step_sums(parts, batches)
-            local_tokens = torch.tensor(
-                float(sum(b.input_tokens for b in batches)), device=acc.device
-            )
-            input_tokens = acc.reduce(local_tokens, reduction="sum").item()
+            loss, metrics, count, input_tokens = _step_sums(parts, batches)
             grad_norm = (
                 acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             )

@@ -17,9 +17,7 @@ from alignkit.train.loop import checkpoints
 def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """The output dir and the checkpoint to resume from, refusing to clobber earlier work."""
     out = Path(cfg.output_dir)
-    found = (
-        sorted(checkpoints(out), key=lambda p: int(p.name.split("-")[-1])) if out.is_dir() else []
-    )
+    found = checkpoints(out) if out.is_dir() else []
     if cfg.resume == "auto" and found:
         return out, found[-1]
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite and cfg.resume != "auto":

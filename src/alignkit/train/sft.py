@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,18 +55,21 @@ def train_sft(recipe: Recipe, console: Console | None = None) -> Path:
             f"SFT needs conversations; {reports[0].path} holds {reports[0].kind} data."
         )
     tokenized, report = tokenize_examples(examples, tokenizer, template, recipe.data)
-    train_rows, eval_rows = split_eval(tokenized, cfg.eval_fraction, cfg.seed)
-    if recipe.data.eval_sources:
+    eval_report = None
+    if recipe.data.eval_sources:  # separate eval data replaces the held-out fraction
         held_out, _ = load_mixture(recipe.data.eval_sources, recipe.data.strict, recipe.data.seed)
         eval_rows, eval_report = tokenize_examples(held_out, tokenizer, template, recipe.data)
-        console.print(f"eval data: {eval_report.summary()}")
+        train_rows = tokenized
+    else:
+        train_rows, eval_rows = split_eval(tokenized, cfg.eval_fraction, cfg.seed)
+    pad = partial(pad_batch, pad_id=tokenizer.pad_token_id)
+    make_batch = pad
     if cfg.packing:
         train_rows = pack_rows(train_rows, recipe.data.max_length)
-        make_batch = lambda rows: packed_batch(rows, tokenizer.pad_token_id)  # noqa: E731
-    else:
-        make_batch = lambda rows: pad_batch(rows, tokenizer.pad_token_id)  # noqa: E731
-    make_eval_batch = lambda rows: pad_batch(rows, tokenizer.pad_token_id)  # noqa: E731
+        make_batch = partial(packed_batch, pad_id=tokenizer.pad_token_id)
     if accelerator.is_main_process:
+        if eval_report is not None:
+            console.print(f"eval data: {eval_report.summary()}")
         console.print(dump_yaml(recipe), highlight=False)
         for r in reports:
             skipped = f", skipped {dict(r.skipped)}" if r.skipped else ""
@@ -80,7 +84,7 @@ def train_sft(recipe: Recipe, console: Console | None = None) -> Path:
     optimizer, scheduler = make_optimizer(model, cfg, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     parts = LoopParts(accelerator, model, optimizer, scheduler, train_rows, make_batch, sft_loss_sums,
-                      eval_rows, make_eval_batch, cfg, out)  # fmt: skip
+                      eval_rows, pad, cfg, out)  # fmt: skip
     if resume_from is not None and accelerator.is_main_process:
         console.print(f"resuming from {resume_from}")
     run_loop(parts, resume_from)
