@@ -184,15 +184,20 @@ def test_recipes_parse(tmp_path):
             assert Path(__file__).resolve().parents[1].joinpath(source.path).is_file(), source.path
 
 
-def test_eval_loss_from_a_separate_source(tmp_path, tiny_model_dir):
-    r = recipe(tmp_path, tiny_model_dir, max_steps=2, eval_steps=1)
+def train_with_eval_source(r, tmp_path):
+    """Train recipe `r` with a one-row separate eval source; return its metric records."""
     held_out = write_jsonl(
         tmp_path / "eval.jsonl", [{"prompt": "Say green.", "completion": "green"}]
     )
     r.data.eval_sources = load_recipe(
         None, [("data.eval_sources", str(held_out))]
     ).data.eval_sources
-    records = read_metrics(train_sft(r) / "metrics.jsonl")
+    return read_metrics(train_sft(r) / "metrics.jsonl")
+
+
+def test_eval_loss_from_a_separate_source(tmp_path, tiny_model_dir):
+    r = recipe(tmp_path, tiny_model_dir, max_steps=2, eval_steps=1)
+    records = train_with_eval_source(r, tmp_path)
     assert [("eval_loss" in x) for x in records] == [True, True]
     assert records[0]["eval_loss"] != records[1]["eval_loss"]  # the model changed between evals
 
@@ -207,11 +212,5 @@ def test_eval_sources_keep_every_training_row(tmp_path, tiny_model_dir):
     # eval_fraction 0.5 of 4 rows would leave 2 rows: one micro-batch per epoch, so step 2
     # would start epoch 1. With separate eval sources all 4 rows train: both steps in epoch 0.
     r = recipe(tmp_path, tiny_model_dir, max_steps=2, eval_fraction=0.5)
-    held_out = write_jsonl(
-        tmp_path / "eval.jsonl", [{"prompt": "Say green.", "completion": "green"}]
-    )
-    r.data.eval_sources = load_recipe(
-        None, [("data.eval_sources", str(held_out))]
-    ).data.eval_sources
-    records = read_metrics(train_sft(r) / "metrics.jsonl")
+    records = train_with_eval_source(r, tmp_path)
     assert [x["epoch"] for x in records] == [0, 0]
