@@ -1,5 +1,6 @@
-"""Run by tests/test_ddp.py under `accelerate launch --num_processes 2`: trains, then
-records per rank which rows it saw, a hash of its final weights, and whether it saved."""
+"""Run by tests/test_ddp.py under `accelerate launch --num_processes 2`: trains (stage
+sft or pref), then records per rank which rows it saw, a hash of its final weights, and
+whether it saved. Usage: ddp_worker.py STAGE REPORT_DIR OVERRIDES..."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ import sys
 from pathlib import Path
 
 import alignkit.train.loop as loop
+import alignkit.train.pref as pref
+import alignkit.train.setup as setup
 import alignkit.train.sft as sft
 from alignkit.config import load_recipe, parse_overrides
+
+STAGES = {"sft": (sft, sft.train_sft), "pref": (pref, pref.train_pref)}
+stage_module, train = STAGES[sys.argv[1]]
 
 seen: list[int] = []
 saved: list[str] = []
 captured: dict = {}
 rank_rows = loop.rank_rows
-save_outputs = sft.save_outputs
-run_loop = sft.run_loop
+save_outputs = setup.save_outputs
+run_loop = loop.run_loop
 
 
 def capture_model(parts, resume_from=None):
@@ -37,11 +43,11 @@ def record_save(out, model, *args):
 
 
 loop.rank_rows = record_rows
-sft.save_outputs = record_save
-sft.run_loop = capture_model
-report = Path(sys.argv[1])
-recipe = load_recipe(None, parse_overrides(sys.argv[2:]))
-out = sft.train_sft(recipe)
+setup.save_outputs = record_save
+stage_module.run_loop = capture_model
+report = Path(sys.argv[2])
+recipe = load_recipe(None, parse_overrides(sys.argv[3:]))
+out = train(recipe)
 
 from accelerate import PartialState  # noqa: E402
 

@@ -6,19 +6,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import write_jsonl
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def test_two_processes_split_the_batch_and_end_identical(tmp_path, tiny_model_dir):
-    rows = [{"instruction": f"task {i}", "output": f"answer {i}"} for i in range(8)]
+STAGES = {
+    "sft": ([{"instruction": f"task {i}", "output": f"answer {i}"} for i in range(8)], []),
+    "pref": (
+        [
+            {"prompt": f"task {i}", "chosen": f"good {i}", "rejected": f"bad answer {i}"}
+            for i in range(8)
+        ],
+        ["model.adapter=lora", "pref.loss=sigmoid", "train.learning_rate=1e-2"],
+    ),
+}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_processes_split_the_batch_and_end_identical(tmp_path, tiny_model_dir, stage):
+    rows, extra = STAGES[stage]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-        str(WORKER), str(tmp_path),
+        str(WORKER), stage, str(tmp_path), *extra,
         f"model.name_or_path={tiny_model_dir}", "model.device=cpu", f"data.sources={data}",
         f"train.output_dir={tmp_path / 'out'}", "train.micro_batch_size=2", "train.max_steps=2",
     ]  # fmt: skip
@@ -31,4 +45,5 @@ def test_two_processes_split_the_batch_and_end_identical(tmp_path, tiny_model_di
     # 2 steps x 2 processes x 2 rows: all 8 rows seen once, none by both ranks
     assert sorted(ranks[0]["rows"] + ranks[1]["rows"]) == list(range(8))
     assert ranks[0]["saved"] == [str(tmp_path / "out")] and ranks[1]["saved"] == []
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    weights = "adapter_model.safetensors" if extra else "model.safetensors"
+    assert (tmp_path / "out" / weights).is_file()

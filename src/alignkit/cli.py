@@ -40,6 +40,13 @@ ALIASES = {
     "--overwrite": "train.overwrite",
     "--packing": "train.packing",
     "--resume": "train.resume",
+    "--loss": "pref.loss",
+    "--loss-weights": "pref.loss_weights",
+    "--beta": "pref.beta",
+    "--label-smoothing": "pref.label_smoothing",
+    "--rpo-alpha": "pref.rpo_alpha",
+    "--ref-model": "pref.ref_model",
+    "--precompute-ref": "pref.precompute_ref",
 }
 # flags that take no value; the value they set
 FLAG_VALUES = {
@@ -48,6 +55,7 @@ FLAG_VALUES = {
     "train.overwrite": "true",
     "train.packing": "true",
     "train.resume": "auto",
+    "pref.precompute_ref": "true",
 }
 
 
@@ -78,10 +86,12 @@ def _subparser(
     name: str,
     summary: str,
     sections: list[str],
-    aliases: list[str],
+    flags: list[str],
+    aliases: tuple[str, ...] | list[str] = (),
 ) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         name,
+        aliases=list(aliases),
         help=summary,
         description=summary,
         epilog=help_text(Recipe, sections),
@@ -91,7 +101,7 @@ def _subparser(
     parser.add_argument(
         "--config", help="Recipe YAML file; flags and overrides apply on top of it."
     )
-    _add_aliases(parser, aliases)
+    _add_aliases(parser, flags)
     return parser
 
 
@@ -121,6 +131,12 @@ def cmd_sft(args: argparse.Namespace, extra: list[str]) -> None:
     from alignkit.train.sft import train_sft
 
     train_sft(_recipe(args, extra))
+
+
+def cmd_pref(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.train.pref import train_pref
+
+    train_pref(_recipe(args, extra))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
         ],
     )
     sft.set_defaults(handler=cmd_sft)
+
+    pref = _subparser(
+        subparsers,
+        "pref",
+        "Preference optimization (DPO, APO, IPO, KTO, ORPO, SimPO, ...) with LoRA, QLoRA or full weights.",
+        ["model", "lora", "data", "train", "pref"],
+        [
+            "--model",
+            "--chat-template",
+            "--max-length",
+            "--max-prompt-length",
+            "--output-dir",
+            "--overwrite",
+            "--resume",
+            "--loss",
+            "--loss-weights",
+            "--beta",
+            "--label-smoothing",
+            "--rpo-alpha",
+            "--ref-model",
+            "--precompute-ref",
+        ],
+        aliases=["dpo"],
+    )
+    pref.set_defaults(handler=cmd_pref)
     return parser
 
 

@@ -104,7 +104,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = opt("runs/sft", "Where the run's weights, config, metrics and plots go.")
+    output_dir: str | None = opt(
+        None, "Where the run's weights, config, metrics and plots go; empty = runs/<command>."
+    )
     overwrite: bool = opt(
         False, "Allow writing into a non-empty output_dir (its files may be replaced)."
     )
@@ -133,6 +135,7 @@ class TrainConfig:
     eval_steps: int = opt(
         0, "Compute eval loss every N steps (and at the end); 0 = only at the end."
     )
+    eval_on_start: bool = opt(False, "Also evaluate before the first step (the 'before' figures).")
     save_steps: int = opt(0, "Write a checkpoint every N steps; 0 = only at the end.")
     save_total_limit: int = opt(2, "Keep the last K checkpoints.")
     resume: Literal["no", "auto"] = opt(
@@ -140,6 +143,39 @@ class TrainConfig:
     )
     report_to: Literal["none", "tensorboard", "wandb"] = opt(
         "none", "Also log to TensorBoard or W&B."
+    )
+
+
+@dataclass
+class PrefConfig:
+    loss: list[str] = opt(
+        help="Preference loss(es), e.g. sigmoid (DPO), apo_zero, ipo, simpo, orpo, kto; "
+        "several comma-separated losses are summed with loss_weights.",
+        factory=lambda: ["sigmoid"],
+    )
+    loss_weights: list[float] = opt(help="One weight per loss; empty = 1 for each.", factory=list)
+    beta: float = opt(0.1, "Beta: strength of the tie to the reference (lambda for ORPO).")
+    label_smoothing: float = opt(
+        0.0, "Assumed label noise eps (robust, exo_pair, aot, simpo, cpo)."
+    )
+    rpo_alpha: float = opt(0.0, "Add the chosen completions' NLL with this weight (RPO); 0 = off.")
+    discopop_tau: float = opt(0.05, "DiscoPOP temperature tau.")
+    simpo_gamma: float = opt(0.5, "SimPO target reward margin gamma.")
+    cpo_alpha: float = opt(1.0, "Weight of the NLL term in CPO.")
+    desirable_weight: float = opt(1.0, "KTO weight of desirable examples.")
+    undesirable_weight: float = opt(1.0, "KTO weight of undesirable examples.")
+    ref_model: str | None = opt(
+        None,
+        "Reference model for full-weight training; empty = a frozen copy of the starting "
+        "model (with LoRA: the same model with its adapter switched off).",
+    )
+    precompute_ref: bool = opt(
+        False,
+        "Compute reference log-probs once before training and cache them on disk, keyed "
+        "by reference weights and tokenized data (reused by later runs).",
+    )
+    disable_dropout: bool = opt(
+        True, "Switch dropout off so policy and reference log-probs are comparable (as TRL)."
     )
 
 
@@ -161,6 +197,7 @@ class Recipe:
     )
     data: DataConfig = opt(help="Data sources and tokenization.", factory=DataConfig)
     train: TrainConfig = opt(help="Training loop.", factory=TrainConfig)
+    pref: PrefConfig = opt(help="Preference optimization.", factory=PrefConfig)
     generation: GenerationConfig = opt(help="Text generation.", factory=GenerationConfig)
 
 

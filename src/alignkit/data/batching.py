@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.data.tokenize import TokenizedExample
+from alignkit.data.tokenize import TokenizedExample, TokenizedFeedback, TokenizedPair
 
 IGNORE = -100
 
@@ -28,6 +28,11 @@ class Batch:
     @property
     def trained_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
+
+    @property
+    def units(self) -> int:
+        """What the loss is averaged over: trained tokens."""
+        return self.trained_tokens
 
     def to(self, device: torch.device) -> Batch:
         tensors = (self.input_ids, self.labels, self.attention_mask, self.position_ids)
@@ -105,3 +110,90 @@ def packed_batch(
             start += n
     tokens = sum(len(e.input_ids) for row in rows for e in row)
     return Batch(ids, labels, block_causal_mask(sequence, dtype), positions, tokens)
+
+
+# ---------------------------------------------------------------- preference batches
+
+
+@dataclass
+class SequenceBatch:
+    """Completions to score: each trained label token belongs to one sequence slot.
+
+    `owner[r, t]` is the slot of the label at (r, t), -1 where no label is scored. For
+    pairs, slots 0..B-1 are the chosen and B..2B-1 the rejected completions; for
+    unpaired feedback, 0..N-1 the completions and N..2N-1 the mismatched KL ones.
+    `ref` holds precomputed reference log-probs per slot when they are cached.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    owner: torch.Tensor
+    units: int
+    input_tokens: int
+    ref: torch.Tensor | None = None
+    desirable: torch.Tensor | None = None
+
+    @property
+    def slots(self) -> int:
+        return 2 * self.units
+
+    @property
+    def trained_tokens(self) -> int:
+        return int((self.owner >= 0).sum())
+
+    def to(self, device: torch.device) -> SequenceBatch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        tensors = (self.input_ids, self.labels, self.attention_mask, self.position_ids, self.owner)
+        return SequenceBatch(*(t.to(device) for t in tensors), self.units, self.input_tokens,
+                             move(self.ref), move(self.desirable))  # fmt: skip
+
+
+def sequence_batch(
+    sequences: list[tuple[list[int], list[int]]], units: int, pad_id: int
+) -> SequenceBatch:
+    """Right-padded rows of prompt + completion, one per slot; labels on completions only."""
+    width = max(len(p) + len(c) for p, c in sequences)
+    shape = (len(sequences), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    owner = torch.full(shape, -1, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
+    for slot, (prompt, completion) in enumerate(sequences):
+        n, start = len(prompt) + len(completion), len(prompt)
+        ids[slot, :n] = torch.tensor(prompt + completion)
+        labels[slot, start:n] = torch.tensor(completion)
+        owner[slot, start:n] = slot
+        mask[slot, :n] = 1
+    positions = torch.arange(width).expand(shape).clone()
+    tokens = sum(len(p) + len(c) for p, c in sequences)
+    return SequenceBatch(ids, labels, mask, positions, owner, units, tokens)
+
+
+def pair_batch(pairs: list[TokenizedPair], pad_id: int) -> SequenceBatch:
+    """Chosen rows first, then rejected rows, as TRL concatenates them."""
+    chosen = [(p.prompt_ids, p.chosen_ids) for p in pairs]
+    rejected = [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    batch = sequence_batch(chosen + rejected, len(pairs), pad_id)
+    refs = [p.ref_logps for p in pairs]
+    if all(r is not None for r in refs):
+        batch.ref = torch.tensor([r[0] for r in refs] + [r[1] for r in refs], dtype=torch.float32)
+    return batch
+
+
+def feedback_batch(items: list[TokenizedFeedback], pad_id: int, max_length: int) -> SequenceBatch:
+    """Completions, then each prompt with the next item's completion (KTO's KL estimate).
+
+    A mismatched sequence is cut to `max_length` (its completion end is dropped).
+    """
+    matched = [(f.prompt_ids, f.completion_ids) for f in items]
+    shifted = [
+        (f.prompt_ids, items[(i + 1) % len(items)].completion_ids[: max_length - len(f.prompt_ids)])
+        for i, f in enumerate(items)
+    ]
+    batch = sequence_batch(matched + shifted, len(items), pad_id)
+    batch.desirable = torch.tensor([f.label for f in items], dtype=torch.bool)
+    return batch

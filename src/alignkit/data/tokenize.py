@@ -34,6 +34,7 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    ref_logps: tuple[float, float] | None = None  # reference (chosen, rejected), when precomputed
 
 
 @dataclass

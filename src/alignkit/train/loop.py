@@ -1,10 +1,11 @@
 """The training loop on Accelerate, shared by every stage.
 
 A stage supplies its rows, a `make_batch(rows)` and a `loss_sums(model, batch)` that
-returns (summed loss, normaliser count, metric sums). One optimizer step accumulates
-several micro-batches; the step's loss is the global sum over every micro-batch and
-process divided by the global count, so it is a mean over trained tokens, not a mean
-of per-micro-batch means. Data order is a seeded permutation per epoch, so a
+returns (summed loss, normaliser count, metric sums). A batch says what the loss is
+averaged over (`units`: trained tokens for SFT, pairs for preference losses). One
+optimizer step accumulates several micro-batches; the step's loss is the global sum
+over every micro-batch and process divided by the global unit count, so it is a mean
+over all of them, not a mean of per-micro-batch means. Data order is a seeded permutation per epoch, so a
 checkpoint records its position as (epoch, micro-batch) and resumes exactly.
 """
 
@@ -228,9 +229,10 @@ def _step_sums(parts: LoopParts, batches: list[Any]) -> tuple[float, dict[str, f
     Returns the loss, the metric means, and the global trained and input token counts.
     """
     acc, model = parts.accelerator, parts.model
-    local = [sum(b.trained_tokens for b in batches), sum(b.input_tokens for b in batches)]
+    keys = ("units", "trained_tokens", "input_tokens")
+    local = [sum(getattr(b, key) for b in batches) for key in keys]
     totals = acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum")
-    count, input_tokens = totals.tolist()
+    count, trained_tokens, input_tokens = totals.tolist()
     loss_total, metric_totals = torch.zeros((), device=acc.device), {}
     for i, batch in enumerate(batches):
         sync = acc.no_sync(model) if i < len(batches) - 1 else nullcontext()
@@ -241,30 +243,38 @@ def _step_sums(parts: LoopParts, batches: list[Any]) -> tuple[float, dict[str, f
         loss_total += loss_sum.detach()
         for key, value in metrics.items():
             metric_totals[key] = metric_totals.get(key, 0.0) + value.detach()
-    loss = acc.reduce(loss_total, reduction="sum").item() / max(count, 1)
-    reduced = {
-        k: acc.reduce(v, reduction="sum").item() / max(count, 1) for k, v in metric_totals.items()
-    }
-    return loss, reduced, int(count), int(input_tokens)
+    means = summed_means(acc, {"loss": loss_total, **metric_totals}, torch.tensor(count))
+    return means.pop("loss"), means, int(trained_tokens), int(input_tokens)
+
+
+def summed_means(
+    acc: Any, totals: dict[str, torch.Tensor], count: torch.Tensor
+) -> dict[str, float]:
+    """Sum each total over processes (one all-reduce) and divide by the global count."""
+    stacked = acc.reduce(torch.stack([v.float() for v in totals.values()]), "sum")
+    means = stacked.cpu().double() / count.cpu().double().clamp(min=1)
+    return dict(zip(totals, means.tolist(), strict=True))
 
 
 @torch.no_grad()
-def evaluate(parts: LoopParts) -> float:
-    """Mean eval loss over trained tokens of the held-out rows (all processes)."""
+def evaluate(parts: LoopParts) -> dict[str, float]:
+    """eval_loss and eval_<metric>: means over the held-out rows' units (all processes)."""
     acc, model = parts.accelerator, parts.model
     model.eval()
-    loss_total = torch.zeros((), device=acc.device)
+    totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=acc.device)}
     count_total = torch.zeros((), device=acc.device)
     size = parts.cfg.micro_batch_size
     shard = parts.eval_rows[acc.process_index :: acc.num_processes]
     for start in range(0, len(shard), size):
         batch = parts.make_eval_batch(shard[start : start + size]).to(acc.device)
         with acc.autocast():
-            loss_sum, count, _ = parts.loss_sums(model, batch)
-        loss_total += loss_sum.float()
+            loss_sum, count, metrics = parts.loss_sums(model, batch)
+        for key, value in {"loss": loss_sum, **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + value.detach().float()
         count_total += count.float()
     model.train()
-    return (acc.reduce(loss_total, "sum") / acc.reduce(count_total, "sum").clamp(min=1)).item()
+    means = summed_means(acc, totals, acc.reduce(count_total, "sum").cpu())
+    return {f"eval_{k}": v for k, v in means.items()}
 
 
 def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
@@ -283,6 +293,8 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
         resume_from is not None,
     )
     trainable = [p for p in parts.model.parameters() if p.requires_grad]
+    if cfg.eval_on_start and parts.eval_rows and state.step == 0:
+        log.log({"step": 0, **evaluate(parts)})
     parts.model.train()
     with _progress(acc.is_main_process) as progress:
         task = progress.add_task(
@@ -319,7 +331,7 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
                 record["grad_norm"] = float(grad_norm)
             last = state.step == steps
             if parts.eval_rows and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or last):
-                record["eval_loss"] = evaluate(parts)
+                record.update(evaluate(parts))
             if state.step % cfg.logging_steps == 0 or last or "eval_loss" in record:
                 log.log(record)
             progress.update(task, completed=state.step, loss=loss, tps=input_tokens / elapsed)

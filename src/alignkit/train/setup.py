@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
-from alignkit.chat_templates import ChatTemplate
-from alignkit.config import Recipe, TrainConfig, save_recipe
+from alignkit.chat_templates import ChatTemplate, resolve_template
+from alignkit.config import Recipe, TrainConfig, dump_yaml, save_recipe
+from alignkit.data.sources import load_mixture
+from alignkit.data.tokenize import tokenize_examples
 from alignkit.errors import AlignkitError
-from alignkit.train.loop import checkpoints
+from alignkit.models import load_model, load_tokenizer
+from alignkit.plots import plot_curves
+from alignkit.train.loop import checkpoints, read_metrics
 
 
-def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """The output dir and the checkpoint to resume from, refusing to clobber earlier work."""
-    out = Path(cfg.output_dir)
+def prepare_output_dir(cfg: TrainConfig, stage: str) -> tuple[Path, Path | None]:
+    """The output dir (default runs/<stage>) and the checkpoint to resume from.
+
+    Refuses to write into a non-empty dir unless told to overwrite or resume.
+    """
+    out = Path(cfg.output_dir or f"runs/{stage}")
     found = checkpoints(out) if out.is_dir() else []
     if cfg.resume == "auto" and found:
         return out, found[-1]
@@ -70,3 +79,72 @@ def save_outputs(
     tokenizer.chat_template = template.source
     tokenizer.save_pretrained(out)
     save_recipe(recipe, out)
+
+
+@dataclass
+class StageData:
+    tokenizer: Any
+    template: ChatTemplate
+    kind: str
+    train_rows: list[Any]
+    eval_rows: list[Any]
+
+
+def load_stage_data(
+    recipe: Recipe, kinds: tuple[str, ...], console: Console, verbose: bool
+) -> StageData:
+    """Tokenizer, template and tokenized train/eval rows of one of `kinds`, reported."""
+    tokenizer = load_tokenizer(recipe.model)
+    template = resolve_template(recipe.model.chat_template, tokenizer)
+    examples, reports = load_mixture(recipe.data.sources, recipe.data.strict, recipe.data.seed)
+    kind = reports[0].kind
+    if kind not in kinds:
+        raise AlignkitError(
+            f"This stage trains on {' or '.join(kinds)} data; {reports[0].path} holds {kind} "
+            "data. Check data.sources (alignkit data inspect shows what a file holds)."
+        )
+    tokenized, report = tokenize_examples(examples, tokenizer, template, recipe.data)
+    eval_report = None
+    if recipe.data.eval_sources:  # separate eval data replaces the held-out fraction
+        held_out, _ = load_mixture(recipe.data.eval_sources, recipe.data.strict, recipe.data.seed)
+        eval_rows, eval_report = tokenize_examples(held_out, tokenizer, template, recipe.data)
+        train_rows = tokenized
+    else:
+        train_rows, eval_rows = split_eval(tokenized, recipe.train.eval_fraction, recipe.train.seed)
+    if verbose:
+        console.print(dump_yaml(recipe), highlight=False)
+        for r in reports:
+            skipped = f", skipped {dict(r.skipped)}" if r.skipped else ""
+            console.print(f"data {r.path}: {r.format}, {r.rows} rows, {r.used} used{skipped}")
+        if eval_report is not None:
+            console.print(f"eval data: {eval_report.summary()}")
+        console.print(
+            f"tokenized: {report.summary()}; {len(train_rows)} train rows, {len(eval_rows)} eval"
+        )
+    return StageData(tokenizer, template, kind, train_rows, eval_rows)
+
+
+def load_trainable(recipe: Recipe) -> Any:
+    model = load_model(recipe.model, recipe.lora, trainable=True)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def finish(
+    accelerator: Any,
+    model: Any,
+    data: StageData,
+    recipe: Recipe,
+    out: Path,
+    panels: list[list[str]],
+    console: Console,
+) -> None:
+    """Save weights, tokenizer and recipe, and plot the curves (main process)."""
+    state_dict = accelerator.get_state_dict(model)  # on every rank: gathers FSDP / ZeRO-3 shards
+    if accelerator.is_main_process:
+        save_outputs(out, accelerator.unwrap_model(model), state_dict, data.tokenizer,
+                     data.template, recipe)  # fmt: skip
+        plot_curves(read_metrics(out / "metrics.jsonl"), panels, out / "training_curves.png")
+        console.print(f"saved to {out}")
+    accelerator.wait_for_everyone()

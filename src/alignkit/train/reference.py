@@ -1,0 +1,122 @@
+"""Reference log-probs: the policy with its adapter off, a frozen model, or a disk cache.
+
+Reference log-probs depend only on (reference weights, tokenized data), so
+`pref.precompute_ref` computes them once before training and stores them under
+`$ALIGNKIT_CACHE/ref_logps/<model fingerprint>-<data fingerprint>.safetensors`; a later
+run on the same model and data (any other hyperparameters) reuses the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import Progress
+from safetensors.torch import load_file, save_file
+
+from alignkit.data.batching import SequenceBatch
+from alignkit.data.tokenize import TokenizedPair
+from alignkit.models import cache_dir
+from alignkit.train.step import sequence_logps
+
+Scorer = Callable[[SequenceBatch], torch.Tensor]
+
+
+@contextmanager
+def adapter_off(model: Any) -> Iterator[None]:
+    """Run a PEFT model as its base model (LoRA layers bypassed, nothing copied)."""
+    with model.disable_adapter():
+        yield
+
+
+def reference_scorer(policy: Any, unwrapped: Any, ref_model: Any | None) -> Scorer:
+    """Per-slot reference log-probs: a cached value, else a no-grad forward.
+
+    With no `ref_model` the policy scores with its adapter disabled; `policy` may be
+    the Accelerate-wrapped model, `unwrapped` the PEFT model under it.
+    """
+
+    def score(batch: SequenceBatch) -> torch.Tensor:
+        if batch.ref is not None:
+            return batch.ref
+        model = policy if ref_model is None else ref_model
+        context = adapter_off(unwrapped) if ref_model is None else nullcontext()
+        with torch.no_grad(), context:
+            return sequence_logps(model, batch)[0]
+
+    return score
+
+
+def model_fingerprint(model: Any) -> str:
+    """A cheap, content-based id of the weights a reference pass uses.
+
+    Hashes every tensor's name, shape, dtype, float64 sum and a strided sample of its
+    values; LoRA weights are left out (the reference runs with the adapter off).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)].float().cpu()
+        header = f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{flat.double().sum().item():.10e}"
+        digest.update(header.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(pairs: list[TokenizedPair]) -> str:
+    ids = [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+
+def cache_path(model_fp: str, data_fp: str) -> Path:
+    return cache_dir() / "ref_logps" / f"{model_fp[:20]}-{data_fp[:20]}.safetensors"
+
+
+def compute_reference(
+    pairs: list[TokenizedPair],
+    score: Scorer,
+    make_batch: Callable[[list[TokenizedPair]], SequenceBatch],
+    batch_size: int,
+    device: torch.device,
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """[N, 2] reference (chosen, rejected) log-probs for every pair, in order."""
+    out = []
+    with Progress(disable=not show_progress) as progress:
+        task = progress.add_task("reference log-probs", total=len(pairs))
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            sums = score(make_batch(chunk).to(device)).float().cpu()
+            out.append(sums.view(2, len(chunk)).T)
+            progress.advance(task, len(chunk))
+    return torch.cat(out)
+
+
+def cached_reference(
+    pairs: list[TokenizedPair], model_fp: str, compute: Callable[[], torch.Tensor]
+) -> tuple[list[TokenizedPair], Path, bool]:
+    """Pairs with `ref_logps` set, the cache file, and whether it was reused."""
+    path = cache_path(model_fp, data_fingerprint(pairs))
+    hit = path.is_file()
+    if hit:
+        values = load_file(path)["ref_logps"]
+    else:
+        values = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        save_file({"ref_logps": values.contiguous()}, tmp)
+        tmp.replace(path)  # atomic: a reader sees no file or a whole one
+    with_ref = [
+        replace(p, ref_logps=(float(c), float(r)))
+        for p, (c, r) in zip(pairs, values.tolist(), strict=True)
+    ]
+    return with_ref, path, hit
