@@ -57,3 +57,39 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def check_resume(train, make_recipe, tmp_path: Path, monkeypatch, weights: str) -> None:
+    """A run killed after its second checkpoint and resumed logs the same losses and ends
+    with the same weights as an uninterrupted run (make_recipe: 6 steps, save every 2)."""
+    import torch
+    from safetensors.torch import load_file
+
+    import alignkit.train.loop as loop
+    from alignkit.train.loop import read_metrics
+
+    full = train(make_recipe(tmp_path / "a"))
+    expected = [r["loss"] for r in read_metrics(full / "metrics.jsonl") if "loss" in r]
+    original = loop.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_second_save(*args, **kwargs):
+        path = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_second_save)
+    r = make_recipe(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        train(r)
+    monkeypatch.setattr(loop, "save_checkpoint", original)
+    r.train.resume = "auto"
+    resumed = train(r)
+    got = [x["loss"] for x in read_metrics(resumed / "metrics.jsonl") if "loss" in x]
+    assert len(got) == 6
+    assert got == pytest.approx(expected, abs=1e-6)
+    a, b = load_file(full / weights), load_file(resumed / weights)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import check_resume, write_jsonl
 from safetensors.torch import load_file
 
 from alignkit.config import load_recipe
@@ -113,34 +113,10 @@ def test_packed_loss_equals_unpacked(tiny_model_dir):
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_model_dir, monkeypatch):
     # 4 rows, micro-batch 2: 2 steps per epoch, so the run crosses epochs and reshuffles
-    full = train_sft(recipe(tmp_path / "a", tiny_model_dir, max_steps=6, save_steps=2))
-    expected = [r["loss"] for r in read_metrics(full / "metrics.jsonl")]
+    def make(where):
+        return recipe(where, tiny_model_dir, max_steps=6, save_steps=2)
 
-    import alignkit.train.loop as loop
-
-    original = loop.save_checkpoint
-    calls = {"n": 0}
-
-    def crash_after_second_save(*args, **kwargs):
-        path = original(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_second_save)
-    r = recipe(tmp_path / "b", tiny_model_dir, max_steps=6, save_steps=2)
-    with pytest.raises(KeyboardInterrupt):
-        train_sft(r)
-    monkeypatch.setattr(loop, "save_checkpoint", original)
-    r.train.resume = "auto"
-    resumed = train_sft(r)
-    got = [x["loss"] for x in read_metrics(resumed / "metrics.jsonl")]
-    assert len(got) == 6
-    assert got == pytest.approx(expected, abs=1e-6)
-    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    check_resume(train_sft, make, tmp_path, monkeypatch, "model.safetensors")
 
 
 def test_non_empty_output_dir_is_refused(tmp_path, tiny_model_dir):

@@ -234,10 +234,13 @@ def discopop_loss(lp: PairLogps, p: LossParams) -> LossOutput:
     """DiscoPOP (log-ratio modulated): with z = b d and m = sigma(z / tau),
     (1 - m) * (-log sigma(z)) + m * exp(-z). Chris Lu et al. 2024,
     https://arxiv.org/abs/2406.08414 (eq. 5).
+
+    m * exp(-z) is computed as exp(log sigma(z / tau) - z): for very negative z the
+    naive product is 0 * inf = NaN, this form is 0 (TRL computes the naive one).
     """
     z = p.beta * (lp.chosen_ratio() - lp.rejected_ratio())
-    m = torch.sigmoid(z / p.discopop_tau)
-    return (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z), *dpo_rewards(lp, p)
+    logistic = torch.sigmoid(-z / p.discopop_tau) * -F.logsigmoid(z)
+    return logistic + torch.exp(F.logsigmoid(z / p.discopop_tau) - z), *dpo_rewards(lp, p)
 
 
 def sft_loss(lp: PairLogps, p: LossParams) -> LossOutput:
