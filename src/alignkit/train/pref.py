@@ -151,6 +151,11 @@ def load_reference(recipe: Recipe) -> Any:
 
 
 def check_model_input(recipe: Recipe) -> None:
+    if recipe.train.packing:
+        raise AlignkitError(
+            "train.packing applies to SFT; preference pairs are padded per micro-batch. "
+            "Remove --packing for alignkit pref."
+        )
     if resolve(recipe.model.name_or_path).adapter:
         raise AlignkitError(
             f"model.name_or_path '{recipe.model.name_or_path}' is a LoRA adapter dir. Merge it "
