@@ -23,8 +23,11 @@ def smol_tokenizer():
     return load_tokenizer(ModelConfig())
 
 
-def make_tiny_llama(tokenizer, path: Path, seed: int = 0) -> Path:
-    """A 2-layer, width-32 Llama with the SmolLM2 vocabulary, saved with its tokenizer."""
+def make_tiny_llama(tokenizer, path: Path, seed: int = 0, init_std: float = 0.02) -> Path:
+    """A 2-layer, width-32 Llama with the SmolLM2 vocabulary, saved with its tokenizer.
+
+    A larger `init_std` gives sharper, prompt-dependent greedy outputs (the default
+    model repeats one token whatever the prompt)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,6 +44,7 @@ def make_tiny_llama(tokenizer, path: Path, seed: int = 0) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=init_std,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -119,12 +120,18 @@ def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def cmd_chat(args: argparse.Namespace, extra: list[str]) -> None:
-    from alignkit.chat import chat_once
+    from alignkit.chat import open_session, run_repl
 
-    recipe = _recipe(args, extra)
-    if args.prompt is None:
-        raise AlignkitError("Pass --prompt TEXT for a one-shot answer.")
-    print(chat_once(recipe, args.prompt, args.system))
+    session = open_session(_recipe(args, extra), args.system)
+    if args.prompt is not None:
+        print(session.reply(args.prompt))
+        return
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    run_repl(session, input, write)
 
 
 def cmd_sft(args: argparse.Namespace, extra: list[str]) -> None:
@@ -137,6 +144,31 @@ def cmd_pref(args: argparse.Namespace, extra: list[str]) -> None:
     from alignkit.train.pref import train_pref
 
     train_pref(_recipe(args, extra))
+
+
+def cmd_merge(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.merge import merge_adapter
+
+    if extra:
+        raise AlignkitError(f"alignkit merge takes no settings; got {' '.join(extra)}.")
+    out = merge_adapter(args.adapter_dir, Path(args.out), args.dtype, args.overwrite)
+    print(f"merged model written to {out}")
+
+
+def cmd_card(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.card import write_card
+
+    if extra:
+        raise AlignkitError(f"alignkit card takes no settings; got {' '.join(extra)}.")
+    out = write_card([Path(p) for p in args.run_dirs], [Path(p) for p in args.eval or []],
+                     Path(args.out) if args.out else None, args.name, args.overwrite)  # fmt: skip
+    print(f"model card written to {out}")
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.serve import serve
+
+    serve(_recipe(args, extra), args.host, args.port, args.api_key, args.served_name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = _subparser(
         subparsers,
         "chat",
-        "Chat with a model (one-shot with --prompt).",
+        "Chat with a model: interactive (streamed answers, /reset, /system TEXT, /exit) or one-shot with --prompt.",
         ["model", "generation"],
         [
             "--chat-template",
@@ -236,6 +268,60 @@ def build_parser() -> argparse.ArgumentParser:
         aliases=["dpo"],
     )
     pref.set_defaults(handler=cmd_pref)
+
+    merge = subparsers.add_parser(
+        "merge", help="Merge a LoRA adapter into its base: plain safetensors weights.",
+        description="Merge a LoRA adapter (from sft or pref) into its base model and save full "
+        "safetensors weights with the tokenizer and chat template; loads with transformers alone.",
+        allow_abbrev=False,
+    )  # fmt: skip
+    merge.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="A run's adapter output dir.")
+    merge.add_argument("--out", required=True, help="Directory for the merged model.")
+    merge.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="Saved weight dtype; auto = the base checkpoint's dtype.")  # fmt: skip
+    merge.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out.")
+    merge.set_defaults(handler=cmd_merge)
+
+    card = subparsers.add_parser(
+        "card", help="Write a Hugging Face model card from runs' saved artifacts.",
+        description="Write README.md (model card) from training run dirs, in stage order, "
+        "and alignkit eval results; every number comes from those files.",
+        allow_abbrev=False,
+    )  # fmt: skip
+    card.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="Run dirs, first stage first; the last is the model.",
+    )
+    card.add_argument(
+        "--eval",
+        nargs="+",
+        metavar="RESULTS",
+        help="alignkit eval results.json files or dirs, base model first.",
+    )
+    card.add_argument("--out", help="Card path; default RUN_DIR/README.md of the last run dir.")
+    card.add_argument("--name", help="Model name in the card; default the last run dir's name.")
+    card.add_argument(
+        "--overwrite", action="store_true", help="Replace a README.md alignkit did not write."
+    )
+    card.set_defaults(handler=cmd_card)
+
+    serve = _subparser(
+        subparsers,
+        "serve",
+        "Serve a model over an OpenAI-compatible HTTP API (chat, completions, models, health).",
+        ["model"],
+        ["--chat-template", "--dtype", "--device"],
+    )
+    serve.add_argument(
+        "model.name_or_path", nargs="?", metavar="MODEL", help=field_help("model.name_or_path")
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="Address to bind; loopback by default.")
+    serve.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    serve.add_argument("--api-key", help="Require Authorization: Bearer KEY on /v1 routes.")
+    serve.add_argument("--served-name", help="Model id the API reports; default MODEL.")
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 

@@ -39,6 +39,7 @@ class TrainState:
     epoch: int = 0
     micro_batch: int = 0
     trained_tokens: int = 0
+    train_seconds: float = 0.0  # summed over resumed invocations
 
 
 def micro_batches_per_epoch(n_rows: int, cfg: TrainConfig, world: int) -> int:
@@ -325,6 +326,7 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
             state.step += 1
             state.trained_tokens += count
             elapsed = time.perf_counter() - started
+            state.train_seconds += elapsed
             record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
                       "trained_tokens": state.trained_tokens, "tokens_per_s": input_tokens / elapsed, **metrics}  # fmt: skip
             if grad_norm is not None:

@@ -238,8 +238,8 @@ def train_pref(recipe: Recipe, console: Console | None = None) -> Path:
                       loss_sums, data.eval_rows, make_batch, cfg, out)  # fmt: skip
     if resume_from is not None and verbose:
         console.print(f"resuming from {resume_from}")
-    run_loop(parts, resume_from)
-    finish(accelerator, model, data, recipe, out, CURVES, console)
+    state = run_loop(parts, resume_from)
+    finish(accelerator, model, data, recipe, out, CURVES, console, "pref", state)
     if verbose:
         keys = ["eval_rewards/accuracies", "eval_rewards/margins", "eval_loss"]
         for key, (first, last) in eval_change(read_metrics(out / "metrics.jsonl"), keys).items():

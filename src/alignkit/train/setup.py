@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,9 @@ from alignkit.data.tokenize import tokenize_examples
 from alignkit.errors import AlignkitError
 from alignkit.models import load_model, load_tokenizer
 from alignkit.plots import plot_curves
-from alignkit.train.loop import checkpoints, read_metrics
+from alignkit.train.loop import TrainState, checkpoints, read_metrics
+
+RUN_INFO = "run_info.json"
 
 
 def prepare_output_dir(cfg: TrainConfig, stage: str) -> tuple[Path, Path | None]:
@@ -131,6 +135,37 @@ def load_trainable(recipe: Recipe) -> Any:
     return model
 
 
+def run_info(stage: str, state: TrainState, data: StageData, accelerator: Any) -> dict[str, Any]:
+    """What the model card reports about a run: stage, sizes, time and hardware."""
+    import platform
+
+    import transformers
+
+    from alignkit import __version__
+
+    device = accelerator.device
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return {
+        "stage": stage,
+        "train_rows": len(data.train_rows),
+        "eval_rows": len(data.eval_rows),
+        "data_kind": data.kind,
+        "steps": state.step,
+        "epochs_started": state.epoch + 1,
+        "trained_tokens": state.trained_tokens,
+        "train_seconds": round(state.train_seconds, 1),
+        "processes": accelerator.num_processes,
+        "device": device.type,
+        "hardware": hardware or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "versions": {
+            "alignkit": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },  # fmt: skip
+    }
+
+
 def finish(
     accelerator: Any,
     model: Any,
@@ -139,12 +174,16 @@ def finish(
     out: Path,
     panels: list[list[str]],
     console: Console,
+    stage: str,
+    state: TrainState,
 ) -> None:
-    """Save weights, tokenizer and recipe, and plot the curves (main process)."""
+    """Save weights, tokenizer, recipe and run info, and plot the curves (main process)."""
     state_dict = accelerator.get_state_dict(model)  # on every rank: gathers FSDP / ZeRO-3 shards
     if accelerator.is_main_process:
         save_outputs(out, accelerator.unwrap_model(model), state_dict, data.tokenizer,
                      data.template, recipe)  # fmt: skip
+        info = run_info(stage, state, data, accelerator)
+        (out / RUN_INFO).write_text(json.dumps(info, indent=2))
         plot_curves(read_metrics(out / "metrics.jsonl"), panels, out / "training_curves.png")
         console.print(f"saved to {out}")
     accelerator.wait_for_everyone()

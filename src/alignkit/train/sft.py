@@ -58,6 +58,16 @@ def train_sft(recipe: Recipe, console: Console | None = None) -> Path:
                       data.eval_rows, pad, cfg, out)  # fmt: skip
     if resume_from is not None and accelerator.is_main_process:
         console.print(f"resuming from {resume_from}")
-    run_loop(parts, resume_from)
-    finish(accelerator, model, data, recipe, out, [["loss", "eval_loss"], ["lr"]], console)
+    state = run_loop(parts, resume_from)
+    finish(
+        accelerator,
+        model,
+        data,
+        recipe,
+        out,
+        [["loss", "eval_loss"], ["lr"]],
+        console,
+        "sft",
+        state,
+    )
     return out

@@ -1,0 +1,69 @@
+"""`alignkit merge`: fold a LoRA adapter into its base and save plain safetensors weights.
+
+The result loads with `transformers.AutoModelForCausalLM` alone (no peft), with the
+tokenizer and chat template the adapter was trained with. The base is loaded in float32
+for the merge (so W + scale * B A is exact to fp32) and cast to `--dtype` when saving.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from alignkit.config import ModelConfig
+from alignkit.errors import AlignkitError
+from alignkit.models import load_model, load_tokenizer, resolve, resolve_dtype
+
+MERGE_INFO = "merge_info.json"
+
+
+def check_merge_paths(adapter_dir: str, out: Path, overwrite: bool) -> str:
+    """The adapter's base model path; errors for a non-adapter input or a busy output."""
+    resolved = resolve(adapter_dir)
+    if not resolved.adapter:
+        raise AlignkitError(
+            f"'{adapter_dir}' holds no adapter_config.json: it is not a LoRA adapter dir, so "
+            "there is nothing to merge (a full-weight run's output is already a plain model)."
+        )
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise AlignkitError(
+            f"Output directory '{out}' is not empty. Pass --overwrite or choose another --out."
+        )
+    return resolved.path
+
+
+def merge_adapter(
+    adapter_dir: str, out: Path, dtype: str = "auto", overwrite: bool = False
+) -> Path:
+    """Merge `adapter_dir` into its base; write weights, tokenizer and provenance to `out`."""
+    base = check_merge_paths(adapter_dir, out, overwrite)
+    cfg = ModelConfig(name_or_path=adapter_dir, dtype="float32", device="cpu")
+    model = load_model(cfg).merge_and_unload()
+    target = resolve_dtype(dtype, model.device) if dtype != "auto" else _saved_dtype(base)
+    model = model.to(target)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    load_tokenizer(cfg).save_pretrained(tmp)
+    for extra in ("config.yaml", "metrics.jsonl", "run_info.json", "training_curves.png"):
+        if (Path(adapter_dir) / extra).is_file():  # the training record travels with the weights
+            shutil.copy2(Path(adapter_dir) / extra, tmp / extra)
+    info = {"adapter": str(Path(adapter_dir).resolve()), "base": base, "dtype": str(target)}
+    (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _saved_dtype(base: str) -> torch.dtype:
+    """The base checkpoint's own dtype (its config's `dtype`), else float32."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(base), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
