@@ -127,6 +127,18 @@ def test_card_holds_the_runs_real_numbers(runs, tmp_path):
     assert "at most 2 items per benchmark" in card
 
 
+def test_card_usage_code_runs(runs, tmp_path, capsys):
+    card = write_card([runs["final"]], [], out=tmp_path / "card.md", name="my-model").read_text()
+    code = card.split("## Usage")[1].split("```python")[1].split("```")[0]
+    exec(code.replace('"my-model"', repr(str(runs["final"]))).replace("128", "4"), {})
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_a_run_and_its_merged_dir_are_one_stage(runs, tmp_path):
+    card = write_card([runs["sft"], runs["sft_merged"]], [], out=tmp_path / "card.md").read_text()
+    assert "| 1 | SFT |" in card and "| 2 |" not in card
+
+
 def test_card_does_not_replace_a_foreign_readme(runs, tmp_path):
     out = tmp_path / "README.md"
     out.write_text("# my own notes\n")

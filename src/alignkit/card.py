@@ -97,7 +97,7 @@ def stage_table(stages: list[Stage]) -> str:
     for i, s in enumerate(stages, start=1):
         info = s.info
         size = f"{info['train_rows']} {info['data_kind']} rows, {info['steps']} steps, {info['trained_tokens']} trained tokens"
-        hardware = f"{info['processes']} x {info['device']} ({info['hardware']})"
+        hardware = f"{info['processes']} x {info['device']} ({info['hardware']}, {info['cpu_count']} CPU cores)"
         rows.append(f"| {i} | {s.method} | {', '.join(data_names(s))} | {size} | {hyperparameters(s)} | "
                     f"{hardware} | {info['train_seconds'] / 60:.1f} min | {figures(s)} |")  # fmt: skip
     return "\n".join(rows)
@@ -147,9 +147,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{repo}")
 model = AutoModelForCausalLM.from_pretrained("{repo}")
 messages = [{{"role": "user", "content": "What is the capital of France?"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-output = model.generate(inputs, max_new_tokens=128)
-print(tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True))
+inputs = tokenizer.apply_chat_template(
+    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+)
+output = model.generate(**inputs, max_new_tokens=128)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```'''
 
 
@@ -220,11 +222,23 @@ def writable_card(path: Path, overwrite: bool) -> None:
         )
 
 
+def training_record(path: Path) -> Path:
+    """The run dir whose training a dir records: a merged dir points back to its adapter run."""
+    info = path / "merge_info.json"
+    return Path(json.loads(info.read_text())["adapter"]) if info.is_file() else path.resolve()
+
+
+def distinct_stages(run_dirs: list[Path]) -> list[Path]:
+    """Run dirs with a run and the merged dir made from it counted once (the later kept)."""
+    records = [training_record(p) for p in run_dirs]
+    return [p for i, p in enumerate(run_dirs) if records[i] not in records[i + 1 :]]
+
+
 def write_card(
     run_dirs: list[Path], eval_paths: list[Path], out: Path | None = None,
     name: str | None = None, overwrite: bool = False,
 ) -> Path:  # fmt: skip
-    stages = [load_stage(p) for p in run_dirs]
+    stages = [load_stage(p) for p in distinct_stages(run_dirs)]
     results = load_results(eval_paths)
     model_dir = run_dirs[-1]
     out = out or model_dir / "README.md"
