@@ -68,6 +68,7 @@ def test_feedback_batch_pairs_each_prompt_with_the_next_completion():
     assert batch.desirable.tolist() == [True, False]
     assert batch.input_ids[2, :5].tolist() == [1, 5, 8, 9, 2]  # prompt 0 + completion 1
     assert batch.input_ids[3, :4].tolist() == [1, 7, 6, 2]  # prompt 1 + completion 0
+    assert batch.trained_tokens == 2 + 3  # the KL sequences are scored, not trained
 
 
 def test_sequence_logps_equal_a_full_log_softmax(tiny_model_dir):

@@ -141,7 +141,9 @@ class SequenceBatch:
 
     @property
     def trained_tokens(self) -> int:
-        return int((self.owner >= 0).sum())
+        """Scored tokens, less KTO's mismatched KL sequences (they are never trained)."""
+        last = self.units if self.desirable is not None else self.slots
+        return int(((self.owner >= 0) & (self.owner < last)).sum())
 
     def to(self, device: torch.device) -> SequenceBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:

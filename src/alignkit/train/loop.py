@@ -5,8 +5,9 @@ returns (summed loss, normaliser count, metric sums). A batch says what the loss
 averaged over (`units`: trained tokens for SFT, pairs for preference losses). One
 optimizer step accumulates several micro-batches; the step's loss is the global sum
 over every micro-batch and process divided by the global unit count, so it is a mean
-over all of them, not a mean of per-micro-batch means. Data order is a seeded permutation per epoch, so a
-checkpoint records its position as (epoch, micro-batch) and resumes exactly.
+over all of them, not a mean of per-micro-batch means. Data order is a seeded
+permutation per epoch, so a checkpoint records its position as (epoch, micro-batch)
+and resumes exactly.
 """
 
 from __future__ import annotations
