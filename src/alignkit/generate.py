@@ -32,7 +32,34 @@ def stop_token_ids(template: ChatTemplate, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def prompt_ids(messages: list[Message], template: ChatTemplate, tokenizer: Any) -> list[int]:
+    """Token ids of a conversation rendered up to the assistant's next turn."""
+    prompt = render(messages, template, tokenizer, add_generation_prompt=True)
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 @torch.inference_mode()
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    template: ChatTemplate,
+    ids: list[int],
+    cfg: GenerationConfig,
+    streamer: Any = None,
+    stopping_criteria: list[Any] | None = None,
+) -> torch.Tensor:
+    """The new token ids after `ids`, stopping at the template's end-of-turn token."""
+    kwargs = generation_kwargs(cfg, stop_token_ids(template, tokenizer), tokenizer.pad_token_id)
+    if stopping_criteria:
+        kwargs["stopping_criteria"] = stopping_criteria
+    input_ids = torch.tensor([ids], device=next(model.parameters()).device)
+    torch.manual_seed(cfg.seed)
+    out = model.generate(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs
+    )
+    return out[0, len(ids) :]
+
+
 def generate_reply(
     model: Any,
     tokenizer: Any,
@@ -42,14 +69,6 @@ def generate_reply(
     streamer: Any = None,
 ) -> str:
     """The assistant's next message for a conversation (special tokens removed)."""
-    prompt = render(messages, template, tokenizer, add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    ids = ids.to(next(model.parameters()).device)
-    torch.manual_seed(cfg.seed)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        streamer=streamer,
-        **generation_kwargs(cfg, stop_token_ids(template, tokenizer), tokenizer.pad_token_id),
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    ids = prompt_ids(messages, template, tokenizer)
+    out = generate_ids(model, tokenizer, template, ids, cfg, streamer)
+    return tokenizer.decode(out, skip_special_tokens=True).strip()

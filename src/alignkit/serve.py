@@ -25,9 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from alignkit.chat import text_streamer
-from alignkit.chat_templates import ChatTemplate, render
+from alignkit.chat_templates import ChatTemplate
 from alignkit.config import GenerationConfig
-from alignkit.generate import generation_kwargs, stop_token_ids
+from alignkit.generate import generate_ids, prompt_ids, stop_token_ids
 
 
 class ApiError(Exception):
@@ -149,8 +149,7 @@ class Engine:
 
     def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
         as_dicts = [{"role": m.role, "content": m.content} for m in messages]
-        text = render(as_dicts, self.template, self.tokenizer, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return prompt_ids(as_dicts, self.template, self.tokenizer)
 
     def text_ids(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -173,32 +172,17 @@ class Engine:
                            "context_length_exceeded")  # fmt: skip
         return asked or min(room, 512)
 
-    @torch.inference_mode()
     def _generate(self, ids: list[int], request: Sampling, budget: int,
                   on_text: Callable[[str], None] | None) -> Generation:  # fmt: skip
         cfg = GenerationConfig(max_new_tokens=budget, temperature=request.temperature,
                                top_p=request.top_p, seed=request.seed or 0)  # fmt: skip
-        kwargs = generation_kwargs(
-            cfg, stop_token_ids(self.template, self.tokenizer), self.tokenizer.pad_token_id
-        )
-        if request.stops():
-            kwargs["stopping_criteria"] = [
-                completion_stop(self.tokenizer, len(ids), request.stops())
-            ]
-        torch.manual_seed(cfg.seed)
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids], device=device)
+        stops = request.stops()
+        criteria = [completion_stop(self.tokenizer, len(ids), stops)] if stops else None
         streamer = text_streamer(self.tokenizer, on_text) if on_text else None
-        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                  streamer=streamer, **kwargs)[0, len(ids) :]  # fmt: skip
-        text, stopped = cut_at_stop(
-            self.tokenizer.decode(out, skip_special_tokens=True), request.stops()
-        )
-        ended = (
-            stopped
-            or (len(out) > 0 and int(out[-1]) in kwargs["eos_token_id"])
-            or len(out) < budget
-        )
+        out = generate_ids(self.model, self.tokenizer, self.template, ids, cfg, streamer, criteria)
+        text, stopped = cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), stops)
+        end_ids = stop_token_ids(self.template, self.tokenizer)
+        ended = stopped or (len(out) > 0 and int(out[-1]) in end_ids) or len(out) < budget
         return Generation(text, len(ids), len(out), "stop" if ended else "length")
 
     def generate(self, ids: list[int], request: Sampling, budget: int,

@@ -86,6 +86,13 @@ def chosen_token_nll(lp: PairLogps) -> Tensor:
     return value.expand_as(lp.chosen)
 
 
+def mean_ratio_margin(lp: PairLogps) -> Tensor:
+    """r_w/|y_w| - r_l/|y_l|: the log-ratio margin with each ratio averaged over its tokens."""
+    return lp.chosen_ratio() / lp.chosen_tokens.clamp(min=1) - lp.rejected_ratio() / (
+        lp.rejected_tokens.clamp(min=1)
+    )
+
+
 def smoothed_logistic(logits: Tensor, eps: float) -> Tensor:
     """-(1 - eps) log sigma(z) - eps log sigma(-z): logistic loss on soft labels."""
     return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
@@ -116,9 +123,7 @@ def ipo_loss(lp: PairLogps, p: LossParams) -> LossOutput:
     each log-ratio by its completion's token count (it checked this with the authors);
     `ipo_unnormalized` is the paper's formula on summed log-ratios.
     """
-    d = lp.chosen_ratio() / lp.chosen_tokens.clamp(min=1) - lp.rejected_ratio() / (
-        lp.rejected_tokens.clamp(min=1)
-    )
+    d = mean_ratio_margin(lp)
     return (d - 1 / (2 * p.beta)) ** 2, *dpo_rewards(lp, p)
 
 
@@ -255,9 +260,7 @@ def sft_loss(lp: PairLogps, p: LossParams) -> LossOutput:
 
 def sigmoid_norm_loss(lp: PairLogps, p: LossParams) -> LossOutput:
     """Length-normalised DPO: -log sigma(b (r_w/|y_w| - r_l/|y_l|)), as TRL's `sigmoid_norm`."""
-    d = lp.chosen_ratio() / lp.chosen_tokens.clamp(min=1) - lp.rejected_ratio() / (
-        lp.rejected_tokens.clamp(min=1)
-    )
+    d = mean_ratio_margin(lp)
     return -F.logsigmoid(p.beta * d), *dpo_rewards(lp, p)
 
 

@@ -199,26 +199,26 @@ def train_pref(recipe: Recipe, console: Console | None = None) -> Path:
     out, resume_from = prepare_output_dir(cfg, "pref")
     accelerator.wait_for_everyone()  # every rank has checked the dir before rank 0 writes to it
     torch.manual_seed(cfg.seed)
-    kinds = ("feedback",) if names[0] in FEEDBACK_LOSSES else ("pair",)
+    feedback, referenced = names[0] in FEEDBACK_LOSSES, needs_reference(names)
     verbose = accelerator.is_main_process
-    data = load_stage_data(recipe, kinds, console, verbose)
+    data = load_stage_data(recipe, ("feedback",) if feedback else ("pair",), console, verbose)
     model = load_trainable(recipe)
     lora = recipe.model.adapter != "none"
     ref_model = None
-    if needs_reference(names) and (not lora or pcfg.ref_model):
+    if referenced and (not lora or pcfg.ref_model):
         ref_model = load_reference(recipe)
     if pcfg.disable_dropout:
         disable_dropout(model)
-    score = reference_scorer(model, model, ref_model) if needs_reference(names) else None
+    score = reference_scorer(model, model, ref_model) if referenced else None
     if pcfg.precompute_ref and score is not None:
-        if kinds == ("feedback",):
+        if feedback:
             raise AlignkitError(
                 "pref.precompute_ref is not available for kto (its KL pairs change per batch)."
             )
         with accelerator.main_process_first():  # rank 0 writes the cache, the others read it
             attach_reference(data, score, model_fingerprint(ref_model or model),
                              cfg.micro_batch_size, accelerator.device, console, verbose)  # fmt: skip
-    if kinds == ("feedback",):
+    if feedback:
         make_batch = partial(feedback_batch, pad_id=data.tokenizer.pad_token_id,
                              max_length=recipe.data.max_length)  # fmt: skip
     else:
@@ -228,7 +228,7 @@ def train_pref(recipe: Recipe, console: Console | None = None) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     if score is not None:  # score through the prepared model (DDP / FSDP need its forward)
         score = reference_scorer(model, accelerator.unwrap_model(model), ref_model)
-    if kinds == ("feedback",):
+    if feedback:
         loss_sums = partial(feedback_loss_sums, score_ref=score, params=params)
     else:
         loss_sums = partial(
