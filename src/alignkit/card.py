@@ -188,14 +188,8 @@ def render_card(
         "## Usage\n\n" + usage(name),
     ]
     if results:
-        limits = {r.get("limit") for r in results} - {None}
-        note = (
-            f"\n\nPartial evaluation: at most {max(limits)} items per benchmark (`--limit`)."
-            if limits
-            else ""
-        )
         sections.append("## Evaluation\n\nlm-evaluation-harness, via `alignkit eval`.\n\n"
-                        + comparison_table(results) + note)  # fmt: skip
+                        + comparison_table(results))  # fmt: skip
     else:
         sections.append(
             "## Evaluation\n\nNo benchmark results were given to `alignkit card` (`--eval`)."

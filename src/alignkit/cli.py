@@ -49,8 +49,23 @@ ALIASES = {
     "--ref-model": "pref.ref_model",
     "--precompute-ref": "pref.precompute_ref",
 }
+# `alignkit eval` flags -> eval.* keys (its --output-dir is not the training one)
+EVAL_ALIASES = {
+    "--tasks": "eval.tasks",
+    "--limit": "eval.limit",
+    "--batch-size": "eval.batch_size",
+    "--num-fewshot": "eval.num_fewshot",
+    "--apply-chat-template": "eval.apply_chat_template",
+    "--max-gen-toks": "eval.max_gen_toks",
+    "--offline": "eval.offline",
+    "--output-dir": "eval.output_dir",
+    "--overwrite": "eval.overwrite",
+}
 # flags that take no value; the value they set
 FLAG_VALUES = {
+    "eval.apply_chat_template": "true",
+    "eval.offline": "true",
+    "eval.overwrite": "true",
     "data.train_on_prompt": "true",
     "data.strict": "true",
     "train.overwrite": "true",
@@ -60,9 +75,11 @@ FLAG_VALUES = {
 }
 
 
-def _add_aliases(parser: argparse.ArgumentParser, flags: list[str]) -> None:
+def _add_aliases(
+    parser: argparse.ArgumentParser, flags: list[str], table: dict[str, str] = ALIASES
+) -> None:
     for flag in flags:
-        key = ALIASES[flag]
+        key = table[flag]
         if key in FLAG_VALUES:
             parser.add_argument(
                 flag,
@@ -163,6 +180,39 @@ def cmd_card(args: argparse.Namespace, extra: list[str]) -> None:
     out = write_card([Path(p) for p in args.run_dirs], [Path(p) for p in args.eval or []],
                      Path(args.out) if args.out else None, args.name, args.overwrite)  # fmt: skip
     print(f"model card written to {out}")
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
+    if args.compare:
+        from alignkit.eval.report import load_results, write_comparison
+
+        if args.models:
+            raise AlignkitError("Pass either MODEL... to evaluate or --compare DIR..., not both.")
+        recipe = _recipe(args, extra)
+        out = Path(recipe.eval.output_dir) if recipe.eval.output_dir else Path(args.compare[0])
+        table, chart = write_comparison(load_results([Path(p) for p in args.compare]), out)
+        print(table.read_text(encoding="utf-8"))
+        print(f"table: {table}\nchart: {chart}")
+        return
+    from alignkit.eval.run import evaluate_models
+
+    if not args.models:
+        raise AlignkitError("Name at least one MODEL to evaluate (or `default`).")
+    evaluate_models(args.models, _recipe(args, extra))
+
+
+def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.workflow import describe, load_workflow, run_workflow, validate
+
+    workflow = load_workflow(args.recipe, extra)
+    run_dir = Path(args.output_dir or f"runs/{workflow.name}")
+    if args.dry_run:
+        notes = validate(workflow)
+        print(describe(workflow, run_dir))
+        print("\nchecks:\n" + "\n".join(f"  {n}" for n in notes))
+        print("\nrecipe is valid (dry run: nothing was trained)")
+        return
+    run_workflow(workflow, run_dir, args.start, args.until)
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> None:
@@ -306,6 +356,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="Replace a README.md alignkit did not write."
     )
     card.set_defaults(handler=cmd_card)
+
+    evaluate = _subparser(
+        subparsers,
+        "eval",
+        "Benchmarks through lm-evaluation-harness (IFEval, GSM8K, MMLU, TruthfulQA, ...), "
+        "online or on the shipped offline copies; a comparison table and chart.",
+        ["model", "eval"],
+        ["--chat-template", "--dtype", "--device"],
+    )
+    _add_aliases(evaluate, list(EVAL_ALIASES), EVAL_ALIASES)
+    evaluate.add_argument(
+        "models", nargs="*", metavar="MODEL",
+        help="Models to evaluate, base first: hub id, local or adapter dir, .gguf, default.",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--compare", nargs="+", metavar="DIR",
+        help="Re-render the table and chart from saved results (no evaluation).",
+    )  # fmt: skip
+    evaluate.set_defaults(handler=cmd_eval)
+
+    run = subparsers.add_parser(
+        "run", help="Run a workflow recipe's stages (sft, pref, merge, eval, card) in order.",
+        description="Run the stages a recipe lists, each in its own subdirectory of the run dir; "
+        "finished unchanged stages are skipped, an interrupted stage resumes, a changed stage "
+        "reruns with everything after it. Overrides: key=value (every stage) or "
+        "<stage id>.key=value.",
+        allow_abbrev=False,
+    )  # fmt: skip
+    run.add_argument("recipe", metavar="RECIPE", help="Workflow recipe YAML (with `stages`).")
+    run.add_argument("--output-dir", help="Run dir; default runs/<recipe name>.")
+    run.add_argument("--dry-run", action="store_true",
+                     help="Validate the recipe, data, model and LoRA targets; print the plan.")  # fmt: skip
+    run.add_argument("--from", dest="start", metavar="STAGE", help="Rerun from this stage on.")
+    run.add_argument("--until", metavar="STAGE", help="Stop after this stage.")
+    run.set_defaults(handler=cmd_run)
 
     serve = _subparser(
         subparsers,

@@ -190,6 +190,36 @@ class GenerationConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: list[str] = opt(
+        help="Benchmarks: ifeval, gsm8k, mmlu, truthfulqa_mc2, winogrande, arc_challenge, "
+        "arc_easy, hellaswag (the seeds' five by default).",
+        factory=lambda: ["ifeval", "gsm8k", "mmlu", "truthfulqa_mc2", "winogrande"],
+    )
+    limit: int | None = opt(
+        None, "Items per benchmark as a whole (MMLU: spread over its subjects); empty = all."
+    )
+    batch_size: str = opt(
+        "auto",
+        "Sequences per forward pass: a number, or auto (largest that fits on a GPU; 8 on CPU).",
+    )
+    num_fewshot: str | None = opt(
+        None, "Few-shot examples: N for every task or task=N,task=N; empty = the seeds' settings."
+    )
+    apply_chat_template: bool | None = opt(
+        None, "Format prompts with the chat template; empty = only for IFEval (as the seeds)."
+    )
+    max_gen_toks: int | None = opt(
+        None, "Cap on generated tokens per answer (IFEval allows 1280); empty = the task's own."
+    )
+    offline: bool = opt(
+        False, "Use the shipped benchmark copies even when the Hugging Face Hub is reachable."
+    )
+    output_dir: str | None = opt(None, "Where results go; empty = runs/eval.")
+    overwrite: bool = opt(False, "Replace earlier results of the same model in output_dir.")
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = opt(help="The model.", factory=ModelConfig)
     lora: LoraConfig = opt(
@@ -199,6 +229,7 @@ class Recipe:
     train: TrainConfig = opt(help="Training loop.", factory=TrainConfig)
     pref: PrefConfig = opt(help="Preference optimization.", factory=PrefConfig)
     generation: GenerationConfig = opt(help="Text generation.", factory=GenerationConfig)
+    eval: EvalConfig = opt(help="Benchmark evaluation (lm-evaluation-harness).", factory=EvalConfig)
 
 
 # ---------------------------------------------------------------- building from dicts

@@ -1,0 +1,101 @@
+"""Multiple-choice scoring that computes each shared context once.
+
+lm-eval's HF wrapper scores every (context, continuation) pair as one full sequence
+and takes log-softmax over the vocabulary at every position. A 25-shot ARC item
+thus runs its ~1,000-token context four times. Here each distinct context runs
+once with a KV cache (asking the model for the last position's logits only), and
+its continuations run together on copies of that cache, so the work per item is
+one context plus a few short continuations. Scores equal lm-eval's: the same
+log-probabilities of the same tokens, and the same greedy check.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Any
+
+import torch
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+Request = tuple[tuple[str, str] | None, list[int], list[int]]
+
+
+@torch.no_grad()
+def score_continuations(
+    model: Any, context: list[int], continuations: list[list[int]], batch_size: int
+) -> list[tuple[float, bool]]:
+    """Sum of log p(continuation | context) and whether greedy decoding would produce it.
+
+    The context runs once; its cache is copied for each batch of continuations,
+    which run right-padded (padding after a causal sequence cannot affect it).
+    """
+    device = next(model.parameters()).device
+    prefix = model(torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
+    first = prefix.logits[0, -1].float().log_softmax(-1)
+    first_greedy = int(first.argmax())
+    scores = []
+    for start in range(0, len(continuations), batch_size):
+        chunk = continuations[start : start + batch_size]
+        width = max(len(c) for c in chunk) - 1
+        tails = None
+        if width > 0:
+            # each row feeds cont[:-1]; the padding repeats a real token id
+            rows = [c[:-1] + [c[-1]] * (width + 1 - len(c)) for c in chunk]
+            cache = copy.deepcopy(prefix.past_key_values)
+            cache.batch_repeat_interleave(len(chunk))
+            inputs = torch.tensor(rows, device=device)
+            tails = model(inputs, past_key_values=cache, use_cache=True).logits.float()
+            tails = tails.log_softmax(-1)
+        for row, cont in enumerate(chunk):
+            logp, greedy = float(first[cont[0]]), first_greedy == cont[0]
+            if len(cont) > 1:
+                steps = tails[row, : len(cont) - 1]
+                targets = torch.tensor(cont[1:], device=device)
+                logp += float(steps.gather(-1, targets[:, None]).sum())
+                greedy = greedy and bool((steps.argmax(-1) == targets).all())
+            scores.append((logp, greedy))
+    return scores
+
+
+def group_by_context(requests: list[Request], max_length: int) -> tuple[dict, list[int]]:
+    """Request indices grouped by context; indices too long for the window go apart."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    too_long = []
+    for i, (_, context, continuation) in enumerate(requests):
+        if len(context) + len(continuation) > max_length + 1 or not context:
+            too_long.append(i)
+        else:
+            groups[tuple(context)].append(i)
+    return groups, too_long
+
+
+class SharedContextLM(HFLM):
+    """lm-eval's HFLM with context-sharing log-likelihoods (decoder-only models)."""
+
+    def _loglikelihood_tokens(
+        self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
+    ) -> list[tuple[float, bool]]:
+        if self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        groups, too_long = group_by_context(requests, self.max_length)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        if too_long:  # truncated from the left: lm-eval's own path
+            for i, answer in zip(too_long, super()._loglikelihood_tokens(
+                    [requests[i] for i in too_long], disable_tqdm, override_bs), strict=True):  # fmt: skip
+                results[i] = answer
+        size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 16)
+        bar = tqdm(total=len(requests) - len(too_long), disable=disable_tqdm or self.rank != 0,
+                   desc="Scoring choices (shared context)")  # fmt: skip
+        for context, indices in sorted(groups.items(), key=lambda g: -len(g[0])):
+            answers = score_continuations(
+                self.model, list(context), [requests[i][2] for i in indices], size
+            )
+            for i, answer in zip(indices, answers, strict=True):
+                results[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            bar.update(len(indices))
+        bar.close()
+        return results  # type: ignore[return-value]

@@ -1,0 +1,278 @@
+"""`alignkit eval`: lm-evaluation-harness on our loaded models, one results.json per model.
+
+lm-eval is the engine: its tasks, prompts, filters and metrics. alignkit loads the
+model (anything `models.load_model` takes), picks the data source (hub or shipped),
+sets the seeds' few-shot counts, spreads `--limit` over MMLU's subjects, times each
+benchmark and writes the results, a comparison table and a bar chart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from alignkit.config import EvalConfig, Recipe, to_dict
+from alignkit.errors import AlignkitError
+from alignkit.eval.report import write_comparison
+from alignkit.eval.tasks import (
+    Benchmark,
+    check_offline,
+    eval_split_sizes,
+    hub_reachable,
+    lm_tasks,
+    parse_fewshot,
+    parse_tasks,
+    sample_indices,
+    write_offline_tasks,
+)
+from alignkit.models import DEFAULT_MODEL_NAMES, load_model, load_tokenizer
+
+RESULTS = "results.json"
+CPU_BATCH = 8
+BOOTSTRAP_ITERS = 1000
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one `alignkit eval` invocation runs, decided before any model loads."""
+
+    benchmarks: list[Benchmark]
+    shots: dict[str, int]
+    chat: dict[str, bool]
+    samples: dict[str, dict[str, list[int]]]
+    offline: bool
+    out: Path
+
+
+def model_label(spec: str) -> str:
+    """A short column name for a model spec."""
+    if spec in DEFAULT_MODEL_NAMES:
+        return "SmolLM2-135M-Instruct"
+    path = Path(spec)
+    if path.exists():
+        return path.resolve().name
+    return spec.rstrip("/").rsplit("/", 1)[-1]
+
+
+def unique_labels(specs: list[str]) -> list[str]:
+    labels = [model_label(s) for s in specs]
+    return [
+        f"{label}-{i + 1}" if labels.count(label) > 1 else label for i, label in enumerate(labels)
+    ]
+
+
+def plan_eval(cfg: EvalConfig, offline: bool | None = None) -> Plan:
+    """Validate the settings and decide tasks, shots, chat formatting and items."""
+    benchmarks = parse_tasks(cfg.tasks)
+    if offline is None:
+        offline = cfg.offline or not hub_reachable()
+    if offline:
+        check_offline(benchmarks)
+    if cfg.limit is not None and cfg.limit < 1:
+        raise AlignkitError(f"eval.limit must be at least 1; got {cfg.limit}.")
+    chat = {b.name: b.chat_template if cfg.apply_chat_template is None else cfg.apply_chat_template
+            for b in benchmarks}  # fmt: skip
+    samples = {b.name: sample_indices(cfg.limit, eval_split_sizes(b)) for b in benchmarks}
+    out = Path(cfg.output_dir or "runs/eval")
+    return Plan(benchmarks, parse_fewshot(cfg.num_fewshot, benchmarks), chat, samples, offline, out)
+
+
+def batch_size(spec: str, device: str) -> int | str:
+    """lm-eval batch size; `auto` probes GPU memory, which on a CPU would exhaust RAM."""
+    if spec == "auto":
+        return "auto" if device.startswith("cuda") else CPU_BATCH
+    if not spec.isdigit() or int(spec) < 1:
+        raise AlignkitError(f"eval.batch_size must be auto or a positive number; got '{spec}'.")
+    return int(spec)
+
+
+def load_eval_model(spec: str, recipe: Recipe) -> Any:
+    """lm-eval's HF wrapper around our loaded model (an adapter is merged in memory)."""
+    from alignkit.chat_templates import resolve_template
+
+    model_cfg = replace(recipe.model, name_or_path=spec)
+    tokenizer = load_tokenizer(model_cfg)
+    if model_cfg.chat_template or getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = resolve_template(model_cfg.chat_template, tokenizer).source
+    model = load_model(model_cfg).eval()
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    device = str(next(model.parameters()).device)
+    from alignkit.eval.fastlm import SharedContextLM
+
+    return SharedContextLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size(recipe.eval.batch_size, device),
+        device=device,
+    )
+
+
+def metric_value(results: dict[str, Any], task: str, key: str) -> tuple[float, float | None]:
+    row = results[task]
+    value = row[key]
+    metric, _, filt = key.partition(",")
+    stderr = row.get(f"{metric}_stderr,{filt}")
+    return float(value), (float(stderr) if isinstance(stderr, (int, float)) else None)
+
+
+def summarize(
+    benchmark: Benchmark, output: dict[str, Any], offline: bool, shots: int
+) -> dict[str, Any]:
+    """Our figures from lm-eval's results: one entry per reported metric (values 0..1).
+
+    MMLU's figure is the item-weighted mean over the subjects run, as lm-eval's group.
+    """
+    results, counts = output["results"], output["n-samples"]
+    note = benchmark.offline_note if offline else None
+    summary = {}
+    for metric in benchmark.metrics:
+        key = benchmark.name if len(benchmark.metrics) == 1 else (
+            f"{benchmark.name}/{metric.key.split(',')[0]}")  # fmt: skip
+        items = {t: counts[t]["effective"] for t in results if t in counts}
+        values = {t: metric_value(results, t, metric.key) for t in items}
+        n = sum(items.values())
+        value = sum(values[t][0] * items[t] for t in items) / n
+        stderrs = [values[t][1] for t in items]
+        stderr = None
+        if all(s is not None for s in stderrs):
+            stderr = math.sqrt(
+                sum((s * items[t] / n) ** 2 for s, t in zip(stderrs, items, strict=True))
+            )
+        summary[key] = {"label": metric.label.format(shots=shots), "metric": metric.key, "value": value,
+                        "stderr": stderr, "items": n, "note": note or None}  # fmt: skip
+    return summary
+
+
+def run_benchmark(lm: Any, benchmark: Benchmark, plan: Plan, cfg: EvalConfig,
+                  task_manager: Any) -> dict[str, Any]:  # fmt: skip
+    """One benchmark through lm-eval's `simple_evaluate`."""
+    from lm_eval import simple_evaluate
+
+    if benchmark.name == "ifeval":
+        from alignkit.eval.offline_nltk import use_shipped_punkt
+
+        use_shipped_punkt()
+    chat = plan.chat[benchmark.name]
+    generative = benchmark.name in ("ifeval", "gsm8k")
+    gen_kwargs = {"max_gen_toks": cfg.max_gen_toks} if generative and cfg.max_gen_toks else None
+    samples = plan.samples[benchmark.name]
+    return simple_evaluate(
+        model=lm,
+        tasks=[t for t in lm_tasks(benchmark) if t in samples],
+        num_fewshot=plan.shots[benchmark.name],
+        samples=samples,
+        apply_chat_template=chat,
+        fewshot_as_multiturn=chat,
+        gen_kwargs=gen_kwargs,
+        task_manager=task_manager,
+        bootstrap_iters=BOOTSTRAP_ITERS,
+        log_samples=True,
+    )
+
+
+def settings(plan: Plan, cfg: EvalConfig, benchmark: Benchmark) -> dict[str, Any]:
+    return {
+        "num_fewshot": plan.shots[benchmark.name],
+        "apply_chat_template": plan.chat[benchmark.name],
+        "data": "shipped copy" if plan.offline else "hub",
+        "offline_note": benchmark.offline_note if plan.offline else None,
+        "items": sum(len(v) for v in plan.samples[benchmark.name].values()),
+        "max_gen_toks": cfg.max_gen_toks,
+    }
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def write_samples(output: dict[str, Any], folder: Path) -> None:
+    """lm-eval's per-item records (prompts, answers, scores), one JSON line each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, rows in output.get("samples", {}).items():
+        with open(folder / f"{task}.jsonl", "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, default=str) + "\n")
+
+
+def check_outputs(plan: Plan, labels: list[str], overwrite: bool) -> None:
+    """Refuse, before any work, to replace earlier results unless asked."""
+    existing = [
+        plan.out / label / RESULTS for label in labels if (plan.out / label / RESULTS).exists()
+    ]
+    if existing and not overwrite:
+        raise AlignkitError(
+            f"{existing[0]} already exists. Pass --overwrite to replace it, or choose another "
+            "--output-dir. (`alignkit eval --compare DIR...` re-renders a table without re-running.)"
+        )
+
+
+def evaluate_models(specs: list[str], recipe: Recipe, say: Any = print) -> list[dict[str, Any]]:
+    """Evaluate each model spec on the planned benchmarks; writes results and the table."""
+    cfg = recipe.eval
+    plan = plan_eval(cfg)
+    labels = unique_labels(specs)
+    check_outputs(plan, labels, cfg.overwrite)
+    source = "the shipped offline copies" if plan.offline else "the Hugging Face Hub"
+    say(f"Benchmarks {', '.join(b.name for b in plan.benchmarks)} on {source}"
+        + (f", at most {cfg.limit} items each" if cfg.limit else ""))  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="alignkit-lm-eval-tasks-") as tmp:
+        task_manager = make_task_manager(plan, Path(tmp))
+        results = [evaluate_one(spec, label, recipe, plan, task_manager, say)
+                   for spec, label in zip(specs, labels, strict=True)]  # fmt: skip
+    table, chart = write_comparison(results, plan.out)
+    say(f"results: {plan.out}/<model>/{RESULTS}\ntable: {table}\nchart: {chart}")
+    return results
+
+
+def make_task_manager(plan: Plan, folder: Path) -> Any:
+    """lm-eval's task index; offline, with the shipped-data task configs taking precedence."""
+    from lm_eval.tasks import TaskManager
+
+    if not plan.offline:
+        return TaskManager()
+    return TaskManager(include_path=str(write_offline_tasks(plan.benchmarks, folder)))
+
+
+def evaluate_one(spec: str, label: str, recipe: Recipe, plan: Plan, task_manager: Any,
+                 say: Any) -> dict[str, Any]:  # fmt: skip
+    """All planned benchmarks on one model; writes its results.json and samples."""
+    cfg = recipe.eval
+    started = time.perf_counter()
+    lm = load_eval_model(spec, recipe)
+    record: dict[str, Any] = {"model": label, "model_spec": spec, "limit": cfg.limit,
+                              "offline": plan.offline, "settings": {}, "summary": {},
+                              "task_seconds": {}, "lm_eval": {}}  # fmt: skip
+    for benchmark in plan.benchmarks:
+        say(f"[{label}] {benchmark.name}: {record_items(plan, benchmark)} items, "
+            f"{plan.shots[benchmark.name]}-shot")  # fmt: skip
+        t0 = time.perf_counter()
+        output = run_benchmark(lm, benchmark, plan, cfg, task_manager)
+        seconds = time.perf_counter() - t0
+        summary = summarize(benchmark, output, plan.offline, plan.shots[benchmark.name])
+        record["task_seconds"][benchmark.name] = round(seconds, 1)
+        record["settings"][benchmark.name] = settings(plan, cfg, benchmark)
+        record["summary"].update(summary)
+        write_samples(output, plan.out / label / "samples")
+        output.pop("samples", None)
+        record["lm_eval"][benchmark.name] = output
+        figures = ", ".join(f"{v['label']} {100 * v['value']:.1f}" for v in summary.values())
+        say(f"[{label}] {benchmark.name} done in {seconds:.0f}s: {figures}")
+    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+    record["eval_config"] = to_dict(cfg)
+    write_json_atomic(record, plan.out / label / RESULTS)
+    return record
+
+
+def record_items(plan: Plan, benchmark: Benchmark) -> int:
+    return sum(len(v) for v in plan.samples[benchmark.name].values())
