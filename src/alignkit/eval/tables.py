@@ -50,4 +50,10 @@ def comparison_table(results: list[dict[str, Any]]) -> str:
             f"Partial evaluation: at most {max(limits)} items per benchmark (`--limit`); "
             "not comparable with full-benchmark figures."
         )
+    caps = {s.get("max_gen_toks") for r in results for s in r.get("settings", {}).values()}
+    if caps - {None}:
+        footer.append(
+            f"Generated answers capped at {max(caps - {None})} tokens (`--max-gen-toks`); "
+            "IFEval normally allows 1280 and GSM8K 256."
+        )
     return "\n".join(lines) + ("\n\n" + "\n\n".join(footer) if footer else "")
