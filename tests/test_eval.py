@@ -279,7 +279,7 @@ def test_offline_run_writes_results_table_and_chart(offline_run, tiny_model_dir)
     assert "| GSM8K (5-shot, flexible-extract) |" in table
     mark = re.search(r"\| TruthfulQA MC2 \(0-shot\) (\S+) \|", table).group(1)
     assert f"{mark} Offline data: MC2 targets derived" in table
-    assert "at most 2 items per benchmark" in table
+    assert "at most 2 items per benchmark" in table and "capped at 16 tokens" in table
     assert (offline_run / "comparison.png").stat().st_size > 10_000
     samples = offline_run / f"{tiny_model_dir.name}-1" / "samples" / "ifeval.jsonl"
     prompts = [json.loads(line)["arguments"] for line in samples.read_text().splitlines()]
