@@ -64,6 +64,7 @@ def test_unchanged_stages_skip_and_a_change_reruns_from_there(tmp_path, tiny_mod
     assert (run_dir / "final" / "model.safetensors").is_file()
     card = (run_dir / "card" / "README.md").read_text()
     assert "| ARC-Easy (0-shot, acc_norm) †" in card and "tiny-demo" in card
+    assert f"| benchmark | {tiny_model_dir.name} | final |" in card  # the eval stage's order
     summary = (run_dir / "summary.md").read_text()
     assert "| pref | pref | done |" in summary and "eval reward accuracy" in summary
     assert "## Benchmarks" in summary and "sft/training_curves.png" in summary

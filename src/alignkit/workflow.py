@@ -313,24 +313,21 @@ def run_stage(stage: Stage, run_dir: Path, workflow: Workflow, resume: bool) -> 
 
 
 def write_card_stage(stage: Stage, run_dir: Path, workflow: Workflow) -> None:
+    """The card of the latest model, with every earlier eval stage's results in its order."""
     from alignkit.card import write_card
+    from alignkit.eval.run import RESULTS, unique_labels
 
     before = workflow.stages[: workflow.stages.index(stage)]
     runs = [run_dir / s.id for s in before if s.kind in MODEL_MAKERS]
-    evals = [run_dir / s.id for s in before if s.kind == "eval"]
-    results = [p for e in evals for p in sorted(e.glob("*/results.json"))]
-    ordered = sorted(
-        results, key=lambda p: 0 if p.parent.name == eval_label(workflow.base_model) else 1
-    )
+    results = [
+        run_dir / s.id / label / RESULTS
+        for s in before
+        if s.kind == "eval"
+        for label in unique_labels([model_path(run_dir, workflow, m) for m in s.settings["models"]])
+    ]
     out = run_dir / stage.id
     out.mkdir(parents=True, exist_ok=True)
-    write_card(runs, ordered, out / "README.md", stage.settings.get("name") or workflow.name, True)
-
-
-def eval_label(spec: str) -> str:
-    from alignkit.eval.run import model_label
-
-    return model_label(spec)
+    write_card(runs, results, out / "README.md", stage.settings.get("name") or workflow.name, True)
 
 
 def select(stages: list[Stage], start: str | None, until: str | None) -> tuple[int, int]:
