@@ -244,6 +244,29 @@ def test_shared_context_scores_equal_lm_evals(tiny_model_dir, smol_tokenizer):
     assert shared[-1][1] is True
 
 
+def test_growing_cache_generates_what_the_dynamic_cache_does(tiny_model_dir, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+    from transformers.cache_utils import Cache
+
+    from alignkit.eval.fastlm import GrowingLayer, growing_cache_fits
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert growing_cache_fits(model)
+    smol_tokenizer.padding_side = "left"
+    batch = smol_tokenizer(["Hello there", "A much longer prompt than the first one"],
+                           return_tensors="pt", padding=True)  # fmt: skip
+    kwargs = {"max_new_tokens": 300, "min_new_tokens": 300, "do_sample": False}  # > 256: regrows
+    plain = model.generate(**batch, **kwargs)
+    cache = Cache(layer_class_to_replicate=GrowingLayer)
+    grown = model.generate(**batch, past_key_values=cache, **kwargs)
+    assert torch.equal(plain, grown)
+    layer = cache.layers[0]
+    assert layer.buffers[0].shape[-2] == 512 and layer.keys.shape[-2] == grown.shape[1] - 1
+    layer.batch_select_indices(torch.tensor([1]))  # edits leave plain tensors, then regrow
+    keys, _ = layer.update(layer.keys[..., -1:, :], layer.values[..., -1:, :])
+    assert keys.shape[0] == 1 and torch.equal(keys[..., -1, :], keys[..., -2, :])
+
+
 # ---------------------------------------------------------------- end to end
 
 

@@ -201,7 +201,8 @@ class EvalConfig:
     )
     batch_size: str = opt(
         "auto",
-        "Sequences per forward pass: a number, or auto (largest that fits on a GPU; 8 on CPU).",
+        "Sequences per forward pass: a number, or auto (largest that fits on a GPU; on CPU "
+        "8 for scoring and 32 for generation).",
     )
     num_fewshot: str | None = opt(
         None, "Few-shot examples: N for every task or task=N,task=N; empty = the seeds' settings."

@@ -104,14 +104,13 @@ def load_eval_model(spec: str, recipe: Recipe) -> Any:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     device = str(next(model.parameters()).device)
-    from alignkit.eval.fastlm import SharedContextLM
+    from alignkit.eval.fastlm import CPU_GENERATE_BATCH, SharedContextLM
 
-    return SharedContextLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=batch_size(recipe.eval.batch_size, device),
-        device=device,
-    )
+    scoring = batch_size(recipe.eval.batch_size, device)
+    lm = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=scoring, device=device)
+    if recipe.eval.batch_size == "auto" and not device.startswith("cuda"):
+        lm.generate_batch_size = CPU_GENERATE_BATCH
+    return lm
 
 
 def metric_value(results: dict[str, Any], task: str, key: str) -> tuple[float, float | None]:
