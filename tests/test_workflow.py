@@ -84,6 +84,9 @@ def test_unchanged_stages_skip_and_a_change_reruns_from_there(tmp_path, tiny_mod
     config = yaml.safe_load((run_dir / "pref" / "config.yaml").read_text())
     assert config["pref"]["beta"] == 0.2
 
+    fourth = run(path, run_dir, ["pref.pref.beta=0.2"], start="card")
+    assert "== card: rerun asked for (--from)" in fourth and "== eval (eval)" not in fourth
+
 
 def test_interrupted_pref_resumes_and_matches_an_uninterrupted_run(
     tmp_path, tiny_model_dir, monkeypatch

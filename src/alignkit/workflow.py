@@ -269,7 +269,11 @@ def set_aside(run_dir: Path, stage: Stage) -> Path | None:
     out = run_dir / stage.id
     if not out.exists():
         return None
-    target = run_dir / PREVIOUS / f"{stage.id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = run_dir / PREVIOUS / f"{stage.id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = stem, 1
+    while target.exists():  # two set-asides within one second
+        n += 1
+        target = stem.with_name(f"{stem.name}-{n}")
     target.parent.mkdir(parents=True, exist_ok=True)
     out.rename(target)
     return target
@@ -362,11 +366,14 @@ def run_workflow(workflow: Workflow, run_dir: Path, start: str | None = None,
         if action == "skip":
             say(f"== {stage.id} ({stage.kind}): unchanged and complete, skipped")
             continue
+        reason = ("rerun asked for (--from)" if start and index == first
+                  else "an earlier stage reran" if rerun_from
+                  else "settings or inputs changed")  # fmt: skip
         rerun_from = rerun_from or stage.id
         if action == "run":
             moved = set_aside(run_dir, stage)
             if moved:
-                say(f"== {stage.id}: settings or inputs changed; earlier output moved to {moved}")
+                say(f"== {stage.id}: {reason}; earlier output moved to {moved}")
         say(
             f"== {stage.id} ({stage.kind}): {'resuming from its checkpoint' if action == 'resume' else 'running'}"
         )
