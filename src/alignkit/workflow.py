@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from alignkit.atomic import write_json_atomic
 from alignkit.config import (
     Recipe,
     _merge,
@@ -246,16 +247,12 @@ def read_state(run_dir: Path, stage: Stage) -> dict[str, Any]:
 
 
 def write_state(run_dir: Path, stage: Stage, **fields: Any) -> None:
-    folder = run_dir / STATE
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{stage.id}.json.tmp"
-    tmp.write_text(json.dumps({"fingerprint": stage.fingerprint, **fields}, indent=2))
-    tmp.replace(folder / f"{stage.id}.json")
+    record = {"fingerprint": stage.fingerprint, **fields}
+    write_json_atomic(record, run_dir / STATE / f"{stage.id}.json")
 
 
-def decide(run_dir: Path, stage: Stage, forced: bool) -> str:
-    """skip (done, unchanged), resume (started, unchanged), or run."""
-    state = read_state(run_dir, stage)
+def decide(state: dict[str, Any], run_dir: Path, stage: Stage, forced: bool) -> str:
+    """skip (done, unchanged), resume (started, unchanged), or run, given the stage's state."""
     same = state.get("fingerprint") == stage.fingerprint and not forced
     if same and state.get("status") == "done" and (run_dir / stage.id).is_dir():
         return "skip"
@@ -286,6 +283,11 @@ def model_path(run_dir: Path, workflow: Workflow, ref: str) -> str:
     return workflow.base_model if ref == BASE else str(run_dir / ref)
 
 
+def eval_specs(stage: Stage, run_dir: Path, workflow: Workflow) -> list[str]:
+    """The model specs an eval stage evaluates, in its order."""
+    return [model_path(run_dir, workflow, m) for m in stage.settings["models"]]
+
+
 def run_stage(stage: Stage, run_dir: Path, workflow: Workflow, resume: bool) -> None:
     """Carry out one stage into run_dir/<id>."""
     out = run_dir / stage.id
@@ -310,8 +312,7 @@ def run_stage(stage: Stage, run_dir: Path, workflow: Workflow, resume: bool) -> 
         from alignkit.eval.run import evaluate_models
 
         recipe.eval.output_dir, recipe.eval.overwrite = str(out), True
-        specs = [model_path(run_dir, workflow, m) for m in stage.settings["models"]]
-        evaluate_models(specs, recipe)
+        evaluate_models(eval_specs(stage, run_dir, workflow), recipe)
     else:
         write_card_stage(stage, run_dir, workflow)
 
@@ -327,7 +328,7 @@ def write_card_stage(stage: Stage, run_dir: Path, workflow: Workflow) -> None:
         run_dir / s.id / label / RESULTS
         for s in before
         if s.kind == "eval"
-        for label in unique_labels([model_path(run_dir, workflow, m) for m in s.settings["models"]])
+        for label in unique_labels(eval_specs(s, run_dir, workflow))
     ]
     out = run_dir / stage.id
     out.mkdir(parents=True, exist_ok=True)
@@ -342,6 +343,16 @@ def select(stages: list[Stage], start: str | None, until: str | None) -> tuple[i
     first = ids.index(start) if start else 0
     last = ids.index(until) if until else len(ids) - 1
     return first, last
+
+
+def execute(stage: Stage, run_dir: Path, workflow: Workflow, resume: bool, carried: float) -> None:
+    """Run one stage between its `started` and `done` records; `carried` = seconds spent
+    by earlier, interrupted attempts."""
+    write_state(run_dir, stage, status="started", config=stage_config(stage), seconds=carried)
+    started = time.perf_counter()
+    run_stage(stage, run_dir, workflow, resume)
+    seconds = round(time.perf_counter() - started + carried, 1)
+    write_state(run_dir, stage, status="done", config=stage_config(stage), seconds=seconds)
 
 
 def run_workflow(workflow: Workflow, run_dir: Path, start: str | None = None,
@@ -362,7 +373,8 @@ def run_workflow(workflow: Workflow, run_dir: Path, start: str | None = None,
                 raise AlignkitError(f"--from {start}: earlier stage '{stage.id}' has not finished.")
             continue
         forced = rerun_from is not None or (start is not None and index == first)
-        action = decide(run_dir, stage, forced)
+        state = read_state(run_dir, stage)
+        action = decide(state, run_dir, stage, forced)
         if action == "skip":
             say(f"== {stage.id} ({stage.kind}): unchanged and complete, skipped")
             continue
@@ -374,22 +386,11 @@ def run_workflow(workflow: Workflow, run_dir: Path, start: str | None = None,
             moved = set_aside(run_dir, stage)
             if moved:
                 say(f"== {stage.id}: {reason}; earlier output moved to {moved}")
+        resume = action == "resume"
         say(
-            f"== {stage.id} ({stage.kind}): {'resuming from its checkpoint' if action == 'resume' else 'running'}"
+            f"== {stage.id} ({stage.kind}): {'resuming from its checkpoint' if resume else 'running'}"
         )
-        previous = read_state(run_dir, stage)
-        write_state(run_dir, stage, status="started", config=stage_config(stage),
-                    seconds=previous.get("seconds", 0.0) if action == "resume" else 0.0)  # fmt: skip
-        started = time.perf_counter()
-        run_stage(stage, run_dir, workflow, resume=action == "resume")
-        seconds = (
-            time.perf_counter()
-            - started
-            + (previous.get("seconds", 0.0) if action == "resume" else 0.0)
-        )
-        write_state(
-            run_dir, stage, status="done", config=stage_config(stage), seconds=round(seconds, 1)
-        )
+        execute(stage, run_dir, workflow, resume, state.get("seconds", 0.0) if resume else 0.0)
     summary = write_summary(workflow, run_dir)
     say(f"\nsummary: {summary}")
     for label, kinds, name in (("card", ("card",), "README.md"),
@@ -411,7 +412,7 @@ def describe(workflow: Workflow, run_dir: Path) -> str:
     assign_fingerprints(workflow)
     lines = [f"run {workflow.name} in {run_dir} (base model: {workflow.base_model})"]
     for stage in workflow.stages:
-        action = decide(run_dir, stage, False)
+        action = decide(read_state(run_dir, stage), run_dir, stage, False)
         source = (
             ", ".join(stage.settings.get("models", [])) if stage.kind == "eval" else stage.input
         )

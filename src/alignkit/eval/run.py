@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from alignkit.atomic import write_json_atomic
 from alignkit.config import EvalConfig, Recipe, to_dict
 from alignkit.errors import AlignkitError
 from alignkit.eval.report import write_comparison
@@ -182,17 +182,9 @@ def settings(plan: Plan, cfg: EvalConfig, benchmark: Benchmark) -> dict[str, Any
         "apply_chat_template": plan.chat[benchmark.name],
         "data": "shipped copy" if plan.offline else "hub",
         "offline_note": benchmark.offline_note if plan.offline else None,
-        "items": sum(len(v) for v in plan.samples[benchmark.name].values()),
+        "items": record_items(plan, benchmark),
         "max_gen_toks": cfg.max_gen_toks,
     }
-
-
-def write_json_atomic(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def write_samples(output: dict[str, Any], folder: Path) -> None:

@@ -54,6 +54,8 @@ class Benchmark:
 
 
 FEWSHOT_FROM_EVAL = "few-shot examples drawn from the evaluated split (never the item itself)"
+# ARC ships its test split only: few-shot examples come from it
+FEWSHOT_FROM_TEST = {"training_split": None, "validation_split": None, "fewshot_split": "test"}
 
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
@@ -109,11 +111,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             25,
             (Metric("acc_norm,none", "ARC-Challenge ({shots}-shot, acc_norm)"),),
             offline={"test": "arc_challenge/test"},
-            offline_overrides={
-                "training_split": None,
-                "validation_split": None,
-                "fewshot_split": "test",
-            },  # fmt: skip
+            offline_overrides=FEWSHOT_FROM_TEST,
             offline_note=FEWSHOT_FROM_EVAL,
         ),
         Benchmark(
@@ -122,11 +120,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             25,
             (Metric("acc_norm,none", "ARC-Easy ({shots}-shot, acc_norm)"),),
             offline={"test": "arc_easy/test"},
-            offline_overrides={
-                "training_split": None,
-                "validation_split": None,
-                "fewshot_split": "test",
-            },  # fmt: skip
+            offline_overrides=FEWSHOT_FROM_TEST,
             offline_note=FEWSHOT_FROM_EVAL,
         ),
         Benchmark(
