@@ -130,6 +130,16 @@ class TrainConfig:
     packing: bool = opt(
         False, "Put several examples in one row without padding (attention kept inside each)."
     )
+    padding_free: bool = opt(
+        True,
+        "Run each micro-batch as one row with no padding, attention kept inside each "
+        "sequence (computed sequence by sequence).",
+    )
+    logps_chunk: int = opt(
+        512,
+        "Score labels from the final hidden states, this many tokens at a time, with no "
+        "[batch, seq, vocab] float32 logits; 0 = take the model's full logits.",
+    )
     logging_steps: int = opt(1, "Log metrics every N optimizer steps.")
     eval_fraction: float = opt(0.0, "Hold out this fraction of the data for eval loss.")
     eval_steps: int = opt(
@@ -173,6 +183,11 @@ class PrefConfig:
         False,
         "Compute reference log-probs once before training and cache them on disk, keyed "
         "by reference weights and tokenized data (reused by later runs).",
+    )
+    share_prompt: bool = opt(
+        True,
+        "With train.padding_free: compute each pair's prompt once, chosen and rejected "
+        "both attending to it.",
     )
     disable_dropout: bool = opt(
         True, "Switch dropout off so policy and reference log-probs are comparable (as TRL)."

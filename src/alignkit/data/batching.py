@@ -18,12 +18,30 @@ IGNORE = -100
 
 
 @dataclass
+class Block:
+    """Span [start, end) of a flattened row whose tokens attend only inside it: causally
+    (`mask` None) or where `mask` [n, n] (bool, True = may attend) allows."""
+
+    start: int
+    end: int
+    mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Block:
+        return Block(self.start, self.end, None if self.mask is None else self.mask.to(device))
+
+
+def move_blocks(blocks: list[Block] | None, device: torch.device) -> list[Block] | None:
+    return None if blocks is None else [b.to(device) for b in blocks]
+
+
+@dataclass
 class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     input_tokens: int
+    blocks: list[Block] | None = None
 
     @property
     def trained_tokens(self) -> int:
@@ -36,7 +54,8 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         tensors = (self.input_ids, self.labels, self.attention_mask, self.position_ids)
-        return Batch(*(t.to(device) for t in tensors), self.input_tokens)
+        return Batch(*(t.to(device) for t in tensors), self.input_tokens,
+                     move_blocks(self.blocks, device))  # fmt: skip
 
 
 def example_labels(example: TokenizedExample) -> list[int]:
@@ -134,6 +153,7 @@ class SequenceBatch:
     input_tokens: int
     ref: torch.Tensor | None = None
     desirable: torch.Tensor | None = None
+    blocks: list[Block] | None = None
 
     @property
     def slots(self) -> int:
@@ -151,7 +171,8 @@ class SequenceBatch:
 
         tensors = (self.input_ids, self.labels, self.attention_mask, self.position_ids, self.owner)
         return SequenceBatch(*(t.to(device) for t in tensors), self.units, self.input_tokens,
-                             move(self.ref), move(self.desirable))  # fmt: skip
+                             move(self.ref), move(self.desirable),
+                             move_blocks(self.blocks, device))  # fmt: skip
 
 
 def sequence_batch(
@@ -175,18 +196,110 @@ def sequence_batch(
     return SequenceBatch(ids, labels, mask, positions, owner, units, tokens)
 
 
-def pair_batch(pairs: list[TokenizedPair], pad_id: int) -> SequenceBatch:
-    """Chosen rows first, then rejected rows, as TRL concatenates them."""
-    chosen = [(p.prompt_ids, p.chosen_ids) for p in pairs]
-    rejected = [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    batch = sequence_batch(chosen + rejected, len(pairs), pad_id)
+def pair_batch(pairs: list[TokenizedPair], pad_id: int, layout: str = "padded") -> SequenceBatch:
+    """Slots 0..B-1 chosen, B..2B-1 rejected (TRL's order), laid out as
+
+    `padded`: one right-padded row per sequence; `flat`: every sequence in one row;
+    `shared`: one row, each pair's prompt once with its chosen and rejected branches.
+    """
+    n = len(pairs)
+    if layout == "shared":
+        batch = flat_batch_of([shared_pair_segment(p, i, n) for i, p in enumerate(pairs)], n)
+    else:
+        sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs]
+        sequences += [(p.prompt_ids, p.rejected_ids) for p in pairs]
+        batch = sequences_batch(sequences, n, pad_id, flat=layout == "flat")
     refs = [p.ref_logps for p in pairs]
     if all(r is not None for r in refs):
         batch.ref = torch.tensor([r[0] for r in refs] + [r[1] for r in refs], dtype=torch.float32)
     return batch
 
 
-def feedback_batch(items: list[TokenizedFeedback], pad_id: int, max_length: int) -> SequenceBatch:
+def sequences_batch(
+    sequences: list[tuple[list[int], list[int]]], units: int, pad_id: int, flat: bool
+) -> SequenceBatch:
+    if not flat:
+        return sequence_batch(sequences, units, pad_id)
+    return flat_batch_of([completion_segment(p, c, k) for k, (p, c) in enumerate(sequences)], units)
+
+
+# ---------------------------------------------------------------- padding-free rows
+
+
+@dataclass
+class Segment:
+    """One block of a flattened row: ids, labels, label owners (slot or -1), positions."""
+
+    ids: list[int]
+    labels: list[int]
+    owner: list[int]
+    positions: list[int]
+    mask: torch.Tensor | None = None
+
+
+def completion_segment(prompt: list[int], completion: list[int], slot: int) -> Segment:
+    n = len(prompt) + len(completion)
+    return Segment(prompt + completion, [IGNORE] * len(prompt) + completion,
+                   [-1] * len(prompt) + [slot] * len(completion), list(range(n)))  # fmt: skip
+
+
+def shared_pair_segment(pair: TokenizedPair, index: int, units: int) -> Segment:
+    """[prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected] with a two-branch mask.
+
+    The prompt's last token starts each branch, so each branch predicts its own first
+    completion token; branch positions continue from the shared part's end.
+    """
+    shared, last = pair.prompt_ids[:-1], pair.prompt_ids[-1]
+    s, c, r = len(shared), len(pair.chosen_ids) + 1, len(pair.rejected_ids) + 1
+    ids = shared + [last, *pair.chosen_ids] + [last, *pair.rejected_ids]
+    labels = [IGNORE] * (s + 1) + pair.chosen_ids + [IGNORE] + pair.rejected_ids
+    owner = [-1] * (s + 1) + [index] * (c - 1) + [-1] + [index + units] * (r - 1)
+    positions = list(range(s + c)) + list(range(s, s + r))
+    return Segment(ids, labels, owner, positions, branch_mask(s, c, r))
+
+
+def branch_mask(shared: int, first: int, second: int) -> torch.Tensor:
+    """[n, n] causal mask where the second branch does not see the first one."""
+    n = shared + first + second
+    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    mask[shared + first :, shared : shared + first] = False
+    return mask
+
+
+def flat_row(segments: list[Segment]) -> tuple[list[torch.Tensor], list[Block]]:
+    """[1, T] ids, labels, owners and positions of the segments back to back, and their blocks."""
+    columns: list[list[int]] = [[], [], [], []]
+    blocks = []
+    for seg in segments:
+        start = len(columns[0])
+        for column, values in zip(
+            columns, (seg.ids, seg.labels, seg.owner, seg.positions), strict=True
+        ):
+            column.extend(values)
+        blocks.append(Block(start, len(columns[0]), seg.mask))
+    return [torch.tensor([c], dtype=torch.long) for c in columns], blocks
+
+
+def flat_batch_of(segments: list[Segment], units: int) -> SequenceBatch:
+    (ids, labels, owner, positions), blocks = flat_row(segments)
+    mask = torch.ones_like(ids)
+    return SequenceBatch(ids, labels, mask, positions, owner, units, ids.shape[1], blocks=blocks)
+
+
+def flat_batch(examples: list[TokenizedExample]) -> Batch:
+    """SFT examples in one padding-free row, each attending only to itself."""
+    segments = [
+        Segment(e.input_ids, example_labels(e), [0] * len(e.input_ids),
+                list(range(len(e.input_ids))))
+        for e in examples
+    ]  # fmt: skip
+    (ids, labels, _, positions), blocks = flat_row(segments)
+    return Batch(ids, labels, torch.ones_like(ids), positions, ids.shape[1], blocks)
+
+
+def feedback_batch(
+    items: list[TokenizedFeedback], pad_id: int, max_length: int, flat: bool = False
+) -> SequenceBatch:
     """Completions, then each prompt with the next item's completion (KTO's KL estimate).
 
     A mismatched sequence is cut to `max_length` (its completion end is dropped).
@@ -196,6 +309,6 @@ def feedback_batch(items: list[TokenizedFeedback], pad_id: int, max_length: int)
         (f.prompt_ids, items[(i + 1) % len(items)].completion_ids[: max_length - len(f.prompt_ids)])
         for i, f in enumerate(items)
     ]
-    batch = sequence_batch(matched + shifted, len(items), pad_id)
+    batch = sequences_batch(matched + shifted, len(items), pad_id, flat)
     batch.desirable = torch.tensor([f.label for f in items], dtype=torch.bool)
     return batch

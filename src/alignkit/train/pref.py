@@ -8,6 +8,7 @@ completion log-probs under the policy and the reference; a loss from
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,7 @@ from rich.console import Console
 
 from alignkit.config import PrefConfig, Recipe
 from alignkit.data.batching import SequenceBatch, feedback_batch, pair_batch
+from alignkit.data.tokenize import TokenizedPair
 from alignkit.errors import AlignkitError
 from alignkit.losses.preference import (
     ALL_LOSSES,
@@ -108,9 +110,10 @@ def pair_loss_sums(
     names: list[str],
     weights: list[float],
     params: LossParams,
+    chunk: int = 0,
 ) -> LossSums:
     """Summed per-pair losses, the pair count, and summed per-pair metrics."""
-    sums, counts = sequence_logps(model, batch)
+    sums, counts = sequence_logps(model, batch, chunk)
     n = batch.units
     ref = score_ref(batch).to(sums.dtype) if score_ref is not None else None
     lp = PairLogps(sums[:n], sums[n:], counts[:n], counts[n:],
@@ -121,10 +124,10 @@ def pair_loss_sums(
 
 
 def feedback_loss_sums(
-    model: Any, batch: SequenceBatch, score_ref: Scorer, params: LossParams
+    model: Any, batch: SequenceBatch, score_ref: Scorer, params: LossParams, chunk: int = 0
 ) -> LossSums:
     """KTO: summed losses over completions; slots n.. are the mismatched KL sequences."""
-    sums, _ = sequence_logps(model, batch)
+    sums, _ = sequence_logps(model, batch, chunk)
     ref = score_ref(batch).to(sums.dtype)
     n = batch.units
     kl = kto_reference_point(sums[n:].detach(), ref[n:])
@@ -150,11 +153,20 @@ def load_reference(recipe: Recipe) -> Any:
     return model
 
 
+def pair_batcher(recipe: Recipe, pad_id: int) -> Callable[[list[TokenizedPair]], SequenceBatch]:
+    """Pairs -> batch in the layout the options ask for (see `pair_batch`)."""
+    if not recipe.train.padding_free:
+        layout = "padded"
+    else:
+        layout = "shared" if recipe.pref.share_prompt else "flat"
+    return partial(pair_batch, pad_id=pad_id, layout=layout)
+
+
 def check_model_input(recipe: Recipe) -> None:
     if recipe.train.packing:
         raise AlignkitError(
-            "train.packing applies to SFT; preference pairs are padded per micro-batch. "
-            "Remove --packing for alignkit pref."
+            "train.packing applies to SFT; preference pairs are padding-free already "
+            "(train.padding_free). Remove --packing for alignkit pref."
         )
     if resolve(recipe.model.name_or_path).adapter:
         raise AlignkitError(
@@ -164,16 +176,17 @@ def check_model_input(recipe: Recipe) -> None:
 
 
 def attach_reference(
-    data: StageData, score: Scorer, model_fp: str, batch_size: int, device: torch.device,
+    data: StageData, recipe: Recipe, score: Scorer, model_fp: str, device: torch.device,
     console: Console, verbose: bool,
 ) -> None:  # fmt: skip
     """Give every train and eval pair its cached (or freshly computed) reference log-probs."""
-    make = partial(pair_batch, pad_id=data.tokenizer.pad_token_id)
+    make = pair_batcher(recipe, data.tokenizer.pad_token_id)
     for split in ("train_rows", "eval_rows"):
         rows = getattr(data, split)
         if not rows:
             continue
-        compute = partial(compute_reference, rows, score, make, batch_size, device, verbose)
+        compute = partial(compute_reference, rows, score, make, recipe.train.micro_batch_size,
+                          device, verbose)  # fmt: skip
         with_ref, path, hit = cached_reference(rows, model_fp, compute)
         setattr(data, split, with_ref)
         if verbose:
@@ -209,31 +222,31 @@ def train_pref(recipe: Recipe, console: Console | None = None) -> Path:
         ref_model = load_reference(recipe)
     if pcfg.disable_dropout:
         disable_dropout(model)
-    score = reference_scorer(model, model, ref_model) if referenced else None
+    chunk = cfg.logps_chunk
+    score = reference_scorer(model, model, ref_model, chunk) if referenced else None
     if pcfg.precompute_ref and score is not None:
         if feedback:
             raise AlignkitError(
                 "pref.precompute_ref is not available for kto (its KL pairs change per batch)."
             )
         with accelerator.main_process_first():  # rank 0 writes the cache, the others read it
-            attach_reference(data, score, model_fingerprint(ref_model or model),
-                             cfg.micro_batch_size, accelerator.device, console, verbose)  # fmt: skip
+            attach_reference(data, recipe, score, model_fingerprint(ref_model or model),
+                             accelerator.device, console, verbose)  # fmt: skip
     if feedback:
         make_batch = partial(feedback_batch, pad_id=data.tokenizer.pad_token_id,
-                             max_length=recipe.data.max_length)  # fmt: skip
+                             max_length=recipe.data.max_length, flat=cfg.padding_free)  # fmt: skip
     else:
-        make_batch = partial(pair_batch, pad_id=data.tokenizer.pad_token_id)
+        make_batch = pair_batcher(recipe, data.tokenizer.pad_token_id)
     steps = total_steps(len(data.train_rows), cfg, accelerator.num_processes)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     if score is not None:  # score through the prepared model (DDP / FSDP need its forward)
-        score = reference_scorer(model, accelerator.unwrap_model(model), ref_model)
+        score = reference_scorer(model, accelerator.unwrap_model(model), ref_model, chunk)
     if feedback:
-        loss_sums = partial(feedback_loss_sums, score_ref=score, params=params)
+        loss_sums = partial(feedback_loss_sums, score_ref=score, params=params, chunk=chunk)
     else:
-        loss_sums = partial(
-            pair_loss_sums, score_ref=score, names=names, weights=weights, params=params
-        )
+        loss_sums = partial(pair_loss_sums, score_ref=score, names=names, weights=weights,
+                            params=params, chunk=chunk)  # fmt: skip
     parts = LoopParts(accelerator, model, optimizer, scheduler, data.train_rows, make_batch,
                       loss_sums, data.eval_rows, make_batch, cfg, out)  # fmt: skip
     if resume_from is not None and verbose:

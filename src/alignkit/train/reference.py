@@ -36,7 +36,7 @@ def adapter_off(model: Any) -> Iterator[None]:
         yield
 
 
-def reference_scorer(policy: Any, unwrapped: Any, ref_model: Any | None) -> Scorer:
+def reference_scorer(policy: Any, unwrapped: Any, ref_model: Any | None, chunk: int = 0) -> Scorer:
     """Per-slot reference log-probs: a cached value, else a no-grad forward.
 
     With no `ref_model` the policy scores with its adapter disabled; `policy` may be
@@ -49,7 +49,7 @@ def reference_scorer(policy: Any, unwrapped: Any, ref_model: Any | None) -> Scor
         model = policy if ref_model is None else ref_model
         context = adapter_off(unwrapped) if ref_model is None else nullcontext()
         with torch.no_grad(), context:
-            return sequence_logps(model, batch)[0]
+            return sequence_logps(model, batch, chunk)[0]
 
     return score
 
