@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from alignkit.config import ModelConfig
+from alignkit.config import LoraConfig, ModelConfig
 from alignkit.data.batching import (
     IGNORE,
     flat_batch,
@@ -123,28 +123,27 @@ def test_shared_layout_puts_each_completion_after_its_prompt():
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3]
     assert batch.labels[0].tolist() == [IGNORE, IGNORE, IGNORE, 7, 8, IGNORE, 9]
     assert batch.owner[0].tolist() == [-1, -1, -1, 0, 0, -1, 1]
-    mask = batch.blocks[0].mask
-    assert mask[5].tolist() == [
-        True,
-        True,
-        False,
-        False,
-        False,
-        True,
-        False,
-    ]  # not the chosen branch
-    assert mask[4].tolist() == [True] * 5 + [False] * 2
+    block = batch.blocks[0]
+    assert (block.start, block.end, block.shared, block.second) == (0, 7, 2, 5)
+    # the rejected branch [6, 9] sees the shared [1, 5] and itself causally, never [6, 7, 8]
+    assert block.tail_mask.tolist() == [[True, True, True, False], [True, True, True, True]]
 
 
 @pytest.mark.parametrize("adapter", ["none", "lora"])
 @pytest.mark.parametrize("layout", ["flat", "shared"])
 @pytest.mark.parametrize("chunk", [0, 5])
 def test_pair_layouts_give_the_plain_loss_and_gradients(untied_model_dir, adapter, layout, chunk):
-    model = load_model(ModelConfig(name_or_path=str(untied_model_dir), adapter=adapter))
+    config = ModelConfig(name_or_path=str(untied_model_dir), adapter=adapter)
+    model = load_model(config, LoraConfig(dropout=0.0), trainable=True)  # as pref trains
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter, so every LoRA matrix gets a gradient
+            param.data.normal_(0, 0.5)
     pairs = random_pairs()
     plain = loss_and_grads(model, lambda: dpo_loss(model, pair_batch(pairs, 0), 0))
     fast = loss_and_grads(model, lambda: dpo_loss(model, pair_batch(pairs, 0, layout), chunk))
     assert_same(plain, fast)
+    assert any("lora_A" in name for name in fast[1]) == (adapter == "lora")
     assert model.config._attn_implementation == "sdpa"  # restored after the blocks forward
 
 

@@ -11,9 +11,8 @@ from alignkit.config import load_recipe
 from alignkit.data.batching import pack_rows, packed_batch, pad_batch
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import AlignkitError
-from alignkit.losses.sft import sft_loss_sum
 from alignkit.train.loop import read_metrics
-from alignkit.train.sft import train_sft
+from alignkit.train.sft import sft_loss_sums, train_sft
 
 ROWS = [
     {"instruction": "Say red.", "output": "red red red"},
@@ -68,19 +67,6 @@ def test_lora_changes_only_adapter_weights(tmp_path, tiny_model_dir):
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0
 
 
-def test_masked_tokens_contribute_nothing():
-    torch.manual_seed(0)
-    logits = torch.randn(1, 6, 11, requires_grad=True)
-    labels = torch.tensor([[-100, -100, 3, 4, -100, 5]])
-    loss, n = sft_loss_sum(logits, labels)
-    # hand-worked: positions 1, 2 and 4 predict tokens 3, 4 and 5
-    logp = logits.log_softmax(-1)
-    expected = -(logp[0, 1, 3] + logp[0, 2, 4] + logp[0, 4, 5])
-    assert n.item() == 3 and torch.allclose(loss, expected)
-    loss.backward()
-    assert logits.grad[0, [0, 3, 5]].abs().sum() == 0  # no gradient through unlabelled positions
-
-
 def test_packed_loss_equals_unpacked(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -93,12 +79,7 @@ def test_packed_loss_equals_unpacked(tiny_model_dir):
 
     def loss_and_grads(batch):
         model.zero_grad()
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-        )
-        loss_sum, n = sft_loss_sum(out.logits, batch.labels)
+        loss_sum, n, _ = sft_loss_sums(model, batch)
         (loss_sum / n).backward()
         return (loss_sum / n).item(), [p.grad.clone() for p in model.parameters()]
 

@@ -136,7 +136,7 @@ class TrainConfig:
         "sequence (computed sequence by sequence).",
     )
     logps_chunk: int = opt(
-        512,
+        128,
         "Score labels from the final hidden states, this many tokens at a time, with no "
         "[batch, seq, vocab] float32 logits; 0 = take the model's full logits.",
     )

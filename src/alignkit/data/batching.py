@@ -19,15 +19,23 @@ IGNORE = -100
 
 @dataclass
 class Block:
-    """Span [start, end) of a flattened row whose tokens attend only inside it: causally
-    (`mask` None) or where `mask` [n, n] (bool, True = may attend) allows."""
+    """Span [start, end) of a flattened row whose tokens attend only inside it, causally.
+
+    A two-branch block is [shared | first branch | second branch]: `second` is the row
+    index where the second branch starts, `shared` the shared part's length, and
+    `tail_mask` [second branch, shared + second branch] (bool, True = may attend) says
+    what the second branch sees: the shared part and itself, never the first branch.
+    """
 
     start: int
     end: int
-    mask: torch.Tensor | None = None
+    shared: int = 0
+    second: int | None = None
+    tail_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Block:
-        return Block(self.start, self.end, None if self.mask is None else self.mask.to(device))
+        mask = None if self.tail_mask is None else self.tail_mask.to(device)
+        return Block(self.start, self.end, self.shared, self.second, mask)
 
 
 def move_blocks(blocks: list[Block] | None, device: torch.device) -> list[Block] | None:
@@ -228,13 +236,15 @@ def sequences_batch(
 
 @dataclass
 class Segment:
-    """One block of a flattened row: ids, labels, label owners (slot or -1), positions."""
+    """One block of a flattened row: ids, labels, label owners (slot or -1), positions;
+    for two branches, the shared length and where the second branch starts."""
 
     ids: list[int]
     labels: list[int]
     owner: list[int]
     positions: list[int]
-    mask: torch.Tensor | None = None
+    shared: int = 0
+    second: int | None = None
 
 
 def completion_segment(prompt: list[int], completion: list[int], slot: int) -> Segment:
@@ -244,7 +254,7 @@ def completion_segment(prompt: list[int], completion: list[int], slot: int) -> S
 
 
 def shared_pair_segment(pair: TokenizedPair, index: int, units: int) -> Segment:
-    """[prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected] with a two-branch mask.
+    """[prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected], two branches on a shared part.
 
     The prompt's last token starts each branch, so each branch predicts its own first
     completion token; branch positions continue from the shared part's end.
@@ -255,14 +265,14 @@ def shared_pair_segment(pair: TokenizedPair, index: int, units: int) -> Segment:
     labels = [IGNORE] * (s + 1) + pair.chosen_ids + [IGNORE] + pair.rejected_ids
     owner = [-1] * (s + 1) + [index] * (c - 1) + [-1] + [index + units] * (r - 1)
     positions = list(range(s + c)) + list(range(s, s + r))
-    return Segment(ids, labels, owner, positions, branch_mask(s, c, r))
+    return Segment(ids, labels, owner, positions, s, s + c)
 
 
-def branch_mask(shared: int, first: int, second: int) -> torch.Tensor:
-    """[n, n] causal mask where the second branch does not see the first one."""
-    n = shared + first + second
-    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
-    mask[shared + first :, shared : shared + first] = False
+def tail_mask(shared: int, second: int) -> torch.Tensor:
+    """[second, shared + second] bool: the second branch sees all of the shared part and
+    itself causally."""
+    mask = torch.ones(second, shared + second, dtype=torch.bool)
+    mask[:, shared:] = torch.tril(mask[:, shared:])
     return mask
 
 
@@ -276,7 +286,12 @@ def flat_row(segments: list[Segment]) -> tuple[list[torch.Tensor], list[Block]]:
             columns, (seg.ids, seg.labels, seg.owner, seg.positions), strict=True
         ):
             column.extend(values)
-        blocks.append(Block(start, len(columns[0]), seg.mask))
+        end = len(columns[0])
+        if seg.second is None:
+            blocks.append(Block(start, end))
+        else:
+            mask = tail_mask(seg.shared, len(seg.ids) - seg.second)
+            blocks.append(Block(start, end, seg.shared, start + seg.second, mask))
     return [torch.tensor([c], dtype=torch.long) for c in columns], blocks
 
 

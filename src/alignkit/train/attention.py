@@ -2,8 +2,8 @@
 
 A padding-free batch is one row holding every sequence of the micro-batch back to back.
 Each `Block` is a span of that row whose tokens attend only to tokens of the same span:
-plainly causal (`mask` None), or along a `mask` such as a shared prompt with two
-branches. Attention runs span by span, so its cost is the sum of the spans' squared
+causally, or as two branches on a shared part (a prompt with its chosen and rejected
+completions). Attention runs span by span, so its cost is the sum of the spans' squared
 lengths, not the squared length of the whole row, and no [T, T] mask is ever built.
 
 It is plugged into transformers' attention registry under `BLOCKS`; the model keeps its
@@ -45,17 +45,39 @@ def block_attention_forward(
             "train.padding_free=false for this model."
         )
     outputs = [
-        sdpa_attention_forward(
-            module,
-            query[:, :, b.start : b.end],
-            key[:, :, b.start : b.end],
-            value[:, :, b.start : b.end],
-            None if b.mask is None else b.mask[None, None],
-            **kwargs,
-        )[0]
-        for b in alignkit_blocks
+        out for b in alignkit_blocks for out in block_outputs(module, query, key, value, b, kwargs)
     ]
     return torch.cat(outputs, dim=1), None
+
+
+def block_outputs(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    b: Block,
+    kwargs: dict[str, Any],
+) -> list[torch.Tensor]:
+    """Attention outputs of one block, in row order.
+
+    A two-branch block takes two causal-kernel calls, [shared | first] on itself and the
+    second branch on [shared | second], instead of one masked call over the whole block
+    (a mask makes SDPA compute every query-key product, a causal flag only half).
+    """
+
+    def attend(q: slice, kv: list[slice], mask: torch.Tensor | None) -> torch.Tensor:
+        keys = torch.cat([key[:, :, s] for s in kv], dim=2) if len(kv) > 1 else key[:, :, kv[0]]
+        values = (
+            torch.cat([value[:, :, s] for s in kv], dim=2) if len(kv) > 1 else value[:, :, kv[0]]
+        )
+        mask = None if mask is None else mask[None, None]
+        return sdpa_attention_forward(module, query[:, :, q], keys, values, mask, **kwargs)[0]
+
+    if b.second is None:
+        return [attend(slice(b.start, b.end), [slice(b.start, b.end)], None)]
+    head, tail = slice(b.start, b.second), slice(b.second, b.end)
+    shared = slice(b.start, b.start + b.shared)
+    return [attend(head, [head], None), attend(tail, [shared, tail], b.tail_mask)]
 
 
 AttentionInterface.register(BLOCKS, block_attention_forward)

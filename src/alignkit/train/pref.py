@@ -232,6 +232,7 @@ def train_pref(recipe: Recipe, console: Console | None = None) -> Path:
         with accelerator.main_process_first():  # rank 0 writes the cache, the others read it
             attach_reference(data, recipe, score, model_fingerprint(ref_model or model),
                              accelerator.device, console, verbose)  # fmt: skip
+        ref_model = None  # every row now carries its reference log-probs: free the copy
     if feedback:
         make_batch = partial(feedback_batch, pad_id=data.tokenizer.pad_token_id,
                              max_length=recipe.data.max_length, flat=cfg.padding_free)  # fmt: skip

@@ -81,13 +81,12 @@ class _ChunkedLogps(torch.autograd.Function):
         out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         grads = torch.empty_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         for s in range(0, len(targets), chunk):
-            logits = _logits(hidden[s : s + chunk], weight, bias)
-            t = targets[s : s + chunk, None]
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            out[s : s + chunk] = (logits.gather(1, t) - lse)[:, 0]
+            logps = torch.log_softmax(_logits(hidden[s : s + chunk], weight, bias), dim=-1)
+            t = targets[s : s + chunk]
+            out[s : s + chunk] = logps.gather(1, t[:, None])[:, 0]
             if grads is not None and not head_grads:
-                probs = (logits - lse).exp_().to(weight.dtype)
-                grads[s : s + chunk] = (weight[t[:, 0]] - probs @ weight).float()
+                probs = logps.exp_().to(weight.dtype)  # in place: one [chunk, vocab] buffer
+                grads[s : s + chunk] = (weight[t] - probs @ weight).float()
         ctx.chunk, ctx.head_grads = chunk, head_grads
         ctx.save_for_backward(hidden, weight, bias, targets, grads)
         return out
