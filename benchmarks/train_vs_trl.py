@@ -99,6 +99,9 @@ def prepare_data(w: Workload, model: str, max_length: int, work: Path) -> dict[s
     from alignkit.train.setup import load_stage_data
 
     source = SHARED / w.source
+    if not source.is_file():
+        raise SystemExit(f"{source}: not found. The benchmark reads ../shared/data/train beside "
+                         "the project; put the file there or pick other --workloads.")  # fmt: skip
     raw = (json.loads(source.read_text()) if source.suffix == ".json"
            else [json.loads(line) for line in source.read_text().splitlines()])  # fmt: skip
     subset = work / f"alignkit{source.suffix}"

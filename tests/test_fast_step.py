@@ -14,13 +14,14 @@ from conftest import make_tiny_llama
 from alignkit.config import LoraConfig, ModelConfig
 from alignkit.data.batching import (
     IGNORE,
+    feedback_batch,
     flat_batch,
     pack_rows,
     packed_batch,
     pad_batch,
     pair_batch,
 )
-from alignkit.data.tokenize import TokenizedExample, TokenizedPair
+from alignkit.data.tokenize import TokenizedExample, TokenizedFeedback, TokenizedPair
 from alignkit.losses.preference import LossParams, PairLogps, combined_loss
 from alignkit.models import load_model
 from alignkit.train.sft import sft_loss_sums
@@ -170,3 +171,28 @@ def test_reference_pass_without_gradients_equals_the_plain_sums(untied_model_dir
         fast = sequence_logps(model, pair_batch(pairs, 0, "shared"), 3)
     for a, b in zip(plain, fast, strict=True):
         assert torch.allclose(a, b, atol=TOL)
+
+
+def test_padding_free_feedback_gives_the_plain_sums(tiny_model_dir):
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    items = [
+        TokenizedFeedback([1, 5, 6], [7, 8, 2], True),
+        TokenizedFeedback([1, 9], [4, 2], False),
+    ]
+    plain = sequence_logps(model, feedback_batch(items, 0, 64), 0)[0]
+    fast = sequence_logps(model, feedback_batch(items, 0, 64, flat=True), 4)[0]
+    assert torch.allclose(plain, fast, atol=TOL)
+
+
+def test_padding_free_rows_pass_through_gradient_checkpointing(tiny_model_dir):
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    examples = random_examples()
+
+    def mean_loss(batch, chunk):
+        loss_sum, count, _ = sft_loss_sums(model, batch, chunk)
+        return loss_sum / count
+
+    plain = loss_and_grads(model, lambda: mean_loss(pad_batch(examples, 0), 0))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert_same(plain, loss_and_grads(model, lambda: mean_loss(flat_batch(examples), 4)))
