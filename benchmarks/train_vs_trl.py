@@ -370,15 +370,26 @@ def run_all(args: argparse.Namespace) -> None:
                 trl_r["wall_s"] / ours["wall_s"],
                 ours["peak_memory"] / trl_r["peak_memory"],
             )
-            loss_diff = abs(trl_r["step1"]["loss"] - ours["step1"]["loss"])
+            diffs = agreement(trl_r, ours)
             print(f"  ratios: speedup {speedup:.2f}x  memory {memory:.2f}x  "
-                  f"step-1 loss |diff| {loss_diff:.2e}")  # fmt: skip
+                  + "  ".join(f"{k} |diff| {v:.1e}" for k, v in diffs.items()))  # fmt: skip
             figures["runs"][f"{name}/{mode}"] = {**results, "speedup": speedup, "memory": memory,
-                                                 "loss_diff": loss_diff}  # fmt: skip
+                                                 **diffs}  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))
     print()
     print(final_line(figures["runs"]))
+
+
+def agreement(trl_r: dict[str, Any], ours: dict[str, Any]) -> dict[str, float]:
+    """How far apart the two tools' numbers are: step-1 loss, the largest step-1 metric
+    gap (summed log-probs included), and the last step's loss."""
+    shared = [k for k in PAIR_METRICS if k in trl_r["step1"] and k in ours["step1"]]
+    return {
+        "step-1 loss": abs(trl_r["step1"]["loss"] - ours["step1"]["loss"]),
+        "step-1 metrics": max(abs(trl_r["step1"][k] - ours["step1"][k]) for k in shared),
+        "last loss": abs(trl_r["last_loss"] - ours["last_loss"]),
+    }
 
 
 def steps_tokens(data: dict[str, Any], w: Workload, steps: int) -> int:
