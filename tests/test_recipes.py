@@ -40,6 +40,7 @@ def test_recipe_is_valid(path, monkeypatch):
 @pytest.mark.slow
 def test_apo_recipe_runs_on_the_bundled_model(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the recipe's data paths are relative to the project root
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))  # this run's own reference
     overrides = [("train.output_dir", str(tmp_path / "out")), ("train.max_steps", "1"),
                  ("train.gradient_accumulation_steps", "1"), ("train.micro_batch_size", "2")]  # fmt: skip
     recipe = load_recipe(ROOT / "recipes" / "smollm2-apo-cpu.yaml", overrides)

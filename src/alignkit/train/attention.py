@@ -6,19 +6,18 @@ causally, or as two branches on a shared part (a prompt with its chosen and reje
 completions). Attention runs span by span, so its cost is the sum of the spans' squared
 lengths, not the squared length of the whole row, and no [T, T] mask is ever built.
 
-It is plugged into transformers' attention registry under `BLOCKS`; the model keeps its
-own implementation except inside `blocks_attention(model)`.
+It is plugged into transformers' attention registry under `BLOCKS`; batches without
+blocks still get plain SDPA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alignkit.data.batching import Block
 from alignkit.errors import AlignkitError
@@ -35,9 +34,14 @@ def block_attention_forward(
     alignkit_blocks: list[Block] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA over each block of a one-row batch; output [1, T, heads, head_dim]."""
-    if alignkit_blocks is None or query.shape[0] != 1:
-        raise AlignkitError("block attention needs one flattened row and its blocks.")
+    """SDPA over each block of a one-row batch; output [1, T, heads, head_dim].
+
+    Without blocks (an ordinary padded batch) this is the usual SDPA with the model's mask.
+    """
+    if alignkit_blocks is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if query.shape[0] != 1:
+        raise AlignkitError("block attention needs the batch flattened into one row.")
     window = kwargs.get("sliding_window")
     if window and max(b.end - b.start for b in alignkit_blocks) > window:
         raise AlignkitError(
@@ -81,15 +85,17 @@ def block_outputs(
 
 
 AttentionInterface.register(BLOCKS, block_attention_forward)
+AttentionMaskInterface.register(BLOCKS, sdpa_mask)  # masks for batches without blocks
+
+# A 4D mask is passed through by transformers untouched: this placeholder stops it from
+# building a [T, T] mask for a padding-free row, whose blocks say everything.
+UNMASKED = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
-@contextmanager
-def blocks_attention(model: Any) -> Iterator[None]:
-    """Route the model's attention through `block_attention_forward` for the duration."""
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = BLOCKS
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+def use_block_attention(model: Any) -> None:
+    """Route the model's attention through `block_attention_forward` from now on.
+
+    Permanent rather than per forward: gradient checkpointing re-runs layers during
+    backward and must take the same path. The setting is not saved with the model.
+    """
+    model.config._attn_implementation = BLOCKS

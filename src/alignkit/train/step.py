@@ -13,14 +13,14 @@ slot. Two savings are applied when the model allows them:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from alignkit.data.batching import IGNORE, Batch, SequenceBatch
-from alignkit.train.attention import blocks_attention
+from alignkit.train.attention import UNMASKED, use_block_attention
 
 # config attributes that change logits after the head: those models keep the plain path
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -140,14 +140,12 @@ def token_logps(model: Any, batch: Batch | SequenceBatch, chunk: int) -> torch.T
     scored = predicted != IGNORE
     head = linear_head(model) if chunk > 0 else None
     extra = {} if batch.blocks is None else {"alignkit_blocks": batch.blocks}
-    with ExitStack() as stack:
-        if head is not None:
-            stack.enter_context(head_bypassed(model, head))
-        if batch.blocks is not None:
-            stack.enter_context(blocks_attention(unwrap(model)))
+    if batch.blocks is not None:
+        use_block_attention(unwrap(model))
+    with head_bypassed(model, head) if head is not None else nullcontext():
         out = model(
             input_ids=batch.input_ids,
-            attention_mask=None if batch.blocks is not None else batch.attention_mask,
+            attention_mask=batch.attention_mask if batch.blocks is None else UNMASKED,
             position_ids=batch.position_ids,
             logits_to_keep=keep,
             use_cache=False,
