@@ -198,3 +198,12 @@ def test_padding_free_rows_pass_through_gradient_checkpointing(tiny_model_dir):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     assert_same(plain, loss_and_grads(model, lambda: mean_loss(flat_batch(examples), 4)))
+
+
+def test_a_sharded_output_layer_keeps_the_plain_path(tiny_model_dir):
+    from alignkit.train.step import linear_head
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    assert linear_head(model) is model.lm_head
+    model.lm_head.weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    assert linear_head(model) is None

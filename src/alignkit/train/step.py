@@ -47,7 +47,14 @@ def linear_head(model: Any) -> torch.nn.Linear | None:
         return None
     if any(getattr(inner.config, name, None) for name in LOGIT_TRANSFORMS):
         return None
-    return head
+    return head if whole_local(head.weight, (head.out_features, head.in_features)) else None
+
+
+def whole_local(weight: torch.Tensor, shape: tuple[int, int]) -> bool:
+    """False for a parameter sharded outside its module's forward (FSDP, ZeRO-3), which the
+    chunked head cannot read directly."""
+    sharded = hasattr(weight, "placements") or hasattr(weight, "ds_id")
+    return not sharded and tuple(weight.shape) == shape
 
 
 @contextmanager
