@@ -139,6 +139,11 @@ def test_precomputed_reference_is_cached_reused_and_invalidated(
     train_pref(recipe(tmp_path / "d", other, **settings))
     assert calls["precompute"] == 4  # other reference weights: recomputed
     assert len(list((tmp_path / "cache" / "ref_logps").glob("*.safetensors"))) == 6
+    unshared = recipe(tmp_path / "e", tiny_model_dir, **settings, **{"pref.share_prompt": False,
+                      "train.eval_on_start": True})  # fmt: skip
+    start = read_metrics(train_pref(unshared) / "metrics.jsonl")[0]
+    assert calls["precompute"] == 6  # another batch layout: recomputed, so that at step 0
+    assert start["step"] == 0 and start["eval_rewards/margins"] == 0  # policy ties exactly
 
 
 def load_tokenizer_for(model_dir):

@@ -64,18 +64,19 @@ def block_outputs(
 ) -> list[torch.Tensor]:
     """Attention outputs of one block, in row order.
 
-    A two-branch block takes two causal-kernel calls, [shared | first] on itself and the
-    second branch on [shared | second], instead of one masked call over the whole block
-    (a mask makes SDPA compute every query-key product, a causal flag only half).
+    A two-branch block takes a causal call for [shared | first] and a masked call of the
+    second branch against [shared | second], instead of one masked call over the whole
+    block: with a mask SDPA computes every query-key product, with the causal flag half.
     """
 
+    def gather(t: torch.Tensor, spans: list[slice]) -> torch.Tensor:
+        return t[:, :, spans[0]] if len(spans) == 1 else torch.cat([t[:, :, s] for s in spans], 2)
+
     def attend(q: slice, kv: list[slice], mask: torch.Tensor | None) -> torch.Tensor:
-        keys = torch.cat([key[:, :, s] for s in kv], dim=2) if len(kv) > 1 else key[:, :, kv[0]]
-        values = (
-            torch.cat([value[:, :, s] for s in kv], dim=2) if len(kv) > 1 else value[:, :, kv[0]]
-        )
         mask = None if mask is None else mask[None, None]
-        return sdpa_attention_forward(module, query[:, :, q], keys, values, mask, **kwargs)[0]
+        return sdpa_attention_forward(
+            module, query[:, :, q], gather(key, kv), gather(value, kv), mask, **kwargs
+        )[0]
 
     if b.second is None:
         return [attend(slice(b.start, b.end), [slice(b.start, b.end)], None)]

@@ -153,13 +153,21 @@ def load_reference(recipe: Recipe) -> Any:
     return model
 
 
-def pair_batcher(recipe: Recipe, pad_id: int) -> Callable[[list[TokenizedPair]], SequenceBatch]:
-    """Pairs -> batch in the layout the options ask for (see `pair_batch`)."""
+def pair_layout(recipe: Recipe) -> str:
+    """The `pair_batch` layout the options ask for."""
     if not recipe.train.padding_free:
-        layout = "padded"
-    else:
-        layout = "shared" if recipe.pref.share_prompt else "flat"
-    return partial(pair_batch, pad_id=pad_id, layout=layout)
+        return "padded"
+    return "shared" if recipe.pref.share_prompt else "flat"
+
+
+def pair_batcher(recipe: Recipe, pad_id: int) -> Callable[[list[TokenizedPair]], SequenceBatch]:
+    return partial(pair_batch, pad_id=pad_id, layout=pair_layout(recipe))
+
+
+def scoring_method(recipe: Recipe) -> str:
+    """What besides weights and ids decides the exact reference values (the cache key)."""
+    cfg = recipe.train
+    return f"{pair_layout(recipe)} batch={cfg.micro_batch_size} chunk={cfg.logps_chunk}"
 
 
 def check_model_input(recipe: Recipe) -> None:
@@ -187,7 +195,7 @@ def attach_reference(
             continue
         compute = partial(compute_reference, rows, score, make, recipe.train.micro_batch_size,
                           device, verbose)  # fmt: skip
-        with_ref, path, hit = cached_reference(rows, model_fp, compute)
+        with_ref, path, hit = cached_reference(rows, model_fp, scoring_method(recipe), compute)
         setattr(data, split, with_ref)
         if verbose:
             console.print(

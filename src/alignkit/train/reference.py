@@ -1,6 +1,6 @@
 """Reference log-probs: the policy with its adapter off, a frozen model, or a disk cache.
 
-Reference log-probs depend only on (reference weights, tokenized data), so
+Reference log-probs depend only on (reference weights, tokenized data, batching), so
 `pref.precompute_ref` computes them once before training and stores them under
 `$ALIGNKIT_CACHE/ref_logps/<model fingerprint>-<data fingerprint>.safetensors`; a later
 run on the same model and data (any other hyperparameters) reuses the file.
@@ -72,9 +72,12 @@ def model_fingerprint(model: Any) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(pairs: list[TokenizedPair]) -> str:
+def data_fingerprint(pairs: list[TokenizedPair], method: str) -> str:
+    """The tokenized pairs and how they are batched: the policy's own step-0 log-probs then
+    equal the cached ones bit for bit (a different layout differs in the last float bits,
+    enough to break step-0 reward ties)."""
     ids = [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs]
-    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([method, ids]).encode()).hexdigest()
 
 
 def cache_path(model_fp: str, data_fp: str) -> Path:
@@ -102,10 +105,10 @@ def compute_reference(
 
 
 def cached_reference(
-    pairs: list[TokenizedPair], model_fp: str, compute: Callable[[], torch.Tensor]
+    pairs: list[TokenizedPair], model_fp: str, method: str, compute: Callable[[], torch.Tensor]
 ) -> tuple[list[TokenizedPair], Path, bool]:
     """Pairs with `ref_logps` set, the cache file, and whether it was reused."""
-    path = cache_path(model_fp, data_fingerprint(pairs))
+    path = cache_path(model_fp, data_fingerprint(pairs, method))
     hit = path.is_file()
     if hit:
         values = load_file(path)["ref_logps"]

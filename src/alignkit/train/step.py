@@ -86,12 +86,13 @@ class _ChunkedLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk, head_grads):  # noqa: ANN001
         out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
-        grads = torch.empty_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        early = ctx.needs_input_grad[0] and not head_grads  # form the hidden gradient now
+        grads = torch.empty_like(hidden, dtype=torch.float32) if early else None
         for s in range(0, len(targets), chunk):
             logps = torch.log_softmax(_logits(hidden[s : s + chunk], weight, bias), dim=-1)
             t = targets[s : s + chunk]
             out[s : s + chunk] = logps.gather(1, t[:, None])[:, 0]
-            if grads is not None and not head_grads:
+            if grads is not None:
                 probs = logps.exp_().to(weight.dtype)  # in place: one [chunk, vocab] buffer
                 grads[s : s + chunk] = (weight[t] - probs @ weight).float()
         ctx.chunk, ctx.head_grads = chunk, head_grads
