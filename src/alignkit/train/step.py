@@ -61,18 +61,11 @@ def whole_local(weight: torch.Tensor, shape: tuple[int, int]) -> bool:
 def head_bypassed(model: Any, head: torch.nn.Module) -> Iterator[None]:
     """Swap the output layer for an identity, so the model returns its final hidden states."""
     inner = unwrap(model)
-    name, parent = next((n, m) for n, m in _parents(inner) if getattr(m, n) is head)
-    setattr(parent, name, torch.nn.Identity())
+    inner.set_output_embeddings(torch.nn.Identity())
     try:
         yield
     finally:
-        setattr(parent, name, head)
-
-
-def _parents(root: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-    for module in root.modules():
-        for name, _ in module.named_children():
-            yield name, module
+        inner.set_output_embeddings(head)
 
 
 class _ChunkedLogps(torch.autograd.Function):
