@@ -49,8 +49,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "train"
 TOOLS = ("trl", "alignkit")
 MODES = ("like", "best")
-PAIR_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                "rewards/margins", "logps/chosen", "logps/rejected"]  # fmt: skip
+PAIR_METRICS = [
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+]
 
 
 @dataclass
@@ -76,13 +83,23 @@ WORKLOADS = {
 def recipe_overrides(w: Workload, model: str, data: Path, max_length: int) -> dict[str, Any]:
     """The alignkit recipe both tools' settings are derived from."""
     return {
-        "model.name_or_path": model, "model.adapter": w.adapter, "data.sources": str(data),
-        "data.max_length": max_length, "train.micro_batch_size": w.batch, "train.epochs": 1,
-        "train.learning_rate": w.learning_rate, "train.scheduler": "constant",
-        "train.max_grad_norm": 1.0, "train.seed": 0, "lora.r": 16, "lora.alpha": 16,
-        "lora.dropout": 0.0, "lora.target_modules": "all-linear", "pref.loss": "sigmoid",
+        "model.name_or_path": model,
+        "model.adapter": w.adapter,
+        "data.sources": str(data),
+        "data.max_length": max_length,
+        "train.micro_batch_size": w.batch,
+        "train.epochs": 1,
+        "train.learning_rate": w.learning_rate,
+        "train.scheduler": "constant",
+        "train.max_grad_norm": 1.0,
+        "train.seed": 0,
+        "lora.r": 16,
+        "lora.alpha": 16,
+        "lora.dropout": 0.0,
+        "lora.target_modules": "all-linear",
+        "pref.loss": "sigmoid",
         "pref.beta": 0.1,
-    }  # fmt: skip
+    }
 
 
 def load_recipe_from(overrides: dict[str, Any]) -> Any:
@@ -96,14 +113,19 @@ def prepare_data(w: Workload, model: str, max_length: int, work: Path) -> dict[s
     from rich.console import Console
 
     from alignkit.train.loop import epoch_order
-    from alignkit.train.setup import load_stage_data
+    from alignkit.train.stage import load_stage_data
 
     source = SHARED / w.source
     if not source.is_file():
-        raise SystemExit(f"{source}: not found. The benchmark reads ../shared/data/train beside "
-                         "the project; put the file there or pick other --workloads.")  # fmt: skip
-    raw = (json.loads(source.read_text()) if source.suffix == ".json"
-           else [json.loads(line) for line in source.read_text().splitlines()])  # fmt: skip
+        raise SystemExit(
+            f"{source}: not found. The benchmark reads ../shared/data/train beside "
+            "the project; put the file there or pick other --workloads."
+        )
+    raw = (
+        json.loads(source.read_text())
+        if source.suffix == ".json"
+        else [json.loads(line) for line in source.read_text().splitlines()]
+    )
     subset = work / f"alignkit{source.suffix}"
     take = w.rows
     while True:  # rows dropped as too long are replaced by the next ones
@@ -117,14 +139,29 @@ def prepare_data(w: Workload, model: str, max_length: int, work: Path) -> dict[s
     rows = data.train_rows
     order = epoch_order(len(rows), recipe.train.seed, 0)
     if w.kind == "pref":
-        ids = [{"prompt_ids": rows[i].prompt_ids, "chosen_ids": rows[i].chosen_ids,
-                "rejected_ids": rows[i].rejected_ids} for i in order]  # fmt: skip
+        ids = [
+            {
+                "prompt_ids": rows[i].prompt_ids,
+                "chosen_ids": rows[i].chosen_ids,
+                "rejected_ids": rows[i].rejected_ids,
+            }
+            for i in order
+        ]
     else:
-        ids = [{"input_ids": rows[i].input_ids,
-                "completion_mask": [int(m) for m in rows[i].labels_mask]} for i in order]  # fmt: skip
+        ids = [
+            {
+                "input_ids": rows[i].input_ids,
+                "completion_mask": [int(m) for m in rows[i].labels_mask],
+            }
+            for i in order
+        ]
     (work / "ids.json").write_text(json.dumps(ids))
-    return {"alignkit_data": str(subset), "ids": str(work / "ids.json"), "rows": len(rows),
-            "tokens": sum(row_tokens(r) for r in ids)}  # fmt: skip
+    return {
+        "alignkit_data": str(subset),
+        "ids": str(work / "ids.json"),
+        "rows": len(rows),
+        "tokens": sum(row_tokens(r) for r in ids),
+    }
 
 
 def row_tokens(r: dict[str, list[int]]) -> int:
@@ -153,7 +190,7 @@ def peak_memory(device: str) -> int:
 
 
 def run_alignkit(w: Workload, job: dict[str, Any]) -> dict[str, Any]:
-    from alignkit.train.loop import read_metrics
+    from alignkit.rundir import read_metrics
 
     overrides = recipe_overrides(w, job["model"], Path(job["alignkit_data"]), job["max_length"])
     overrides["train.output_dir"] = job["out"]
@@ -176,25 +213,42 @@ def run_alignkit(w: Workload, job: dict[str, Any]) -> dict[str, Any]:
     wall = time.perf_counter() - started
     records = read_metrics(out / "metrics.jsonl")
     info = json.loads((out / "run_info.json").read_text())
-    return {"wall_s": wall, "train_s": info["train_seconds"], "steps": records[-1]["step"],
-            "step1": records[0], "last_loss": records[-1]["loss"]}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "train_s": info["train_seconds"],
+        "steps": records[-1]["step"],
+        "step1": records[0],
+        "last_loss": records[-1]["loss"],
+    }
 
 
 def trl_args(w: Workload, job: dict[str, Any]) -> Any:
     import trl
 
     common = dict(
-        output_dir=job["out"], per_device_train_batch_size=w.batch, num_train_epochs=1,
-        max_steps=job["max_steps"] or -1, learning_rate=w.learning_rate,
-        lr_scheduler_type="constant", max_grad_norm=1.0, seed=0, logging_steps=1,
-        report_to="none", save_strategy="no", max_length=None, pad_to_multiple_of=None,
+        output_dir=job["out"],
+        per_device_train_batch_size=w.batch,
+        num_train_epochs=1,
+        max_steps=job["max_steps"] or -1,
+        learning_rate=w.learning_rate,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        seed=0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        max_length=None,
+        pad_to_multiple_of=None,
         gradient_checkpointing=False,
-        bf16=job["device"] == "cuda", use_cpu=job["device"] == "cpu", dataloader_num_workers=0,
-    )  # fmt: skip
+        bf16=job["device"] == "cuda",
+        use_cpu=job["device"] == "cpu",
+        dataloader_num_workers=0,
+    )
     if w.kind == "pref":
         best = job["mode"] == "best"
-        return trl.DPOConfig(**common, beta=0.1, loss_type=["sigmoid"],
-                             precompute_ref_log_probs=best)  # fmt: skip
+        return trl.DPOConfig(
+            **common, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=best
+        )
     return trl.SFTConfig(**common, completion_only_loss=True, packing=False)
 
 
@@ -226,15 +280,30 @@ def run_trl(w: Workload, job: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype).to(job["device"])
     peft_config = None
     if w.adapter == "lora":
-        peft_config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
-    trainer = Same(model=model, args=trl_args(w, job), train_dataset=Dataset.from_list(ids),
-                   processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
+        peft_config = LoraConfig(
+            r=16,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+    trainer = Same(
+        model=model,
+        args=trl_args(w, job),
+        train_dataset=Dataset.from_list(ids),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     output = trainer.train()
     wall = time.perf_counter() - started
     logs = [r for r in trainer.state.log_history if "loss" in r]
-    return {"wall_s": wall, "train_s": output.metrics["train_runtime"],
-            "steps": trainer.state.global_step, "step1": logs[0], "last_loss": logs[-1]["loss"]}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "train_s": output.metrics["train_runtime"],
+        "steps": trainer.state.global_step,
+        "step1": logs[0],
+        "last_loss": logs[-1]["loss"],
+    }
 
 
 def worker(job_path: Path) -> None:
@@ -288,14 +357,23 @@ def run_job(job: dict[str, Any], work: Path, log: Path) -> dict[str, Any]:
     job["result"] = str(path.with_suffix(".result.json"))
     job["out"] = str(work / f"out-{job['tool']}-{job['name']}-{job['mode']}")
     path.write_text(json.dumps(job))
-    env = {**os.environ, "ALIGNKIT_CACHE": str(work / f"cache-{path.stem}"),
-           "HF_DATASETS_CACHE": str(work / f"datasets-{path.stem}"), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env = {
+        **os.environ,
+        "ALIGNKIT_CACHE": str(work / f"cache-{path.stem}"),
+        "HF_DATASETS_CACHE": str(work / f"datasets-{path.stem}"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     with log.open("a") as handle:
         handle.write(f"\n===== {path.stem}\n")
         handle.flush()
-        done = subprocess.run([sys.executable, __file__, "--worker", str(path)], env=env,
-                              stdout=handle, stderr=subprocess.STDOUT, check=False)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", str(path)],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
     if done.returncode != 0:
         raise SystemExit(f"{path.stem} failed (exit {done.returncode}); see {log}")
     return json.loads(Path(job["result"]).read_text())
@@ -305,22 +383,32 @@ def row(tool: str, r: dict[str, Any], tokens: int, flops: float, peak: float) ->
     step1 = r["step1"]
     extras = " ".join(f"{k}={step1[k]:.4f}" for k in PAIR_METRICS[1:] if k in step1)
     mfu = flops * tokens / r["wall_s"] / peak
-    return (f"  {tool:9s} wall {r['wall_s']:7.1f} s  {tokens / r['wall_s']:6.1f} tok/s  "
-            f"{r['train_s'] / r['steps']:6.2f} s/step  peak {r['peak_memory'] / 2**30:5.2f} GiB  "
-            f"MFU {100 * mfu:5.2f}%  step-1 loss {step1['loss']:.6f} {extras}")  # fmt: skip
+    return (
+        f"  {tool:9s} wall {r['wall_s']:7.1f} s  {tokens / r['wall_s']:6.1f} tok/s  "
+        f"{r['train_s'] / r['steps']:6.2f} s/step  peak {r['peak_memory'] / 2**30:5.2f} GiB  "
+        f"MFU {100 * mfu:5.2f}%  step-1 loss {step1['loss']:.6f} {extras}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workloads", default=",".join(WORKLOADS),
-                        help=f"Comma-separated, from {', '.join(WORKLOADS)}.")  # fmt: skip
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"Comma-separated, from {', '.join(WORKLOADS)}.",
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="like, best or both.")
     parser.add_argument("--model", default="default", help="alignkit model spec.")
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--like-steps", type=int, default=4,
-                        help="Optimizer steps in like-for-like mode; 0 = the whole epoch.")  # fmt: skip
-    parser.add_argument("--rows", type=int, default=0,
-                        help="Override every workload's row count (a quick look).")  # fmt: skip
+    parser.add_argument(
+        "--like-steps",
+        type=int,
+        default=4,
+        help="Optimizer steps in like-for-like mode; 0 = the whole epoch.",
+    )
+    parser.add_argument(
+        "--rows", type=int, default=0, help="Override every workload's row count (a quick look)."
+    )
     parser.add_argument("--out", default=None, help="Write every figure to this JSON file.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -355,13 +443,23 @@ def run_all(args: argparse.Namespace) -> None:
         for mode in args.modes.split(","):
             steps = args.like_steps if mode == "like" else 0
             tokens = data["tokens"] if not steps else None
-            print(f"\n{name} [{mode}] {data['rows']} rows"
-                  + (f", {steps} steps" if steps else ", 1 epoch"))  # fmt: skip
+            print(
+                f"\n{name} [{mode}] {data['rows']} rows"
+                + (f", {steps} steps" if steps else ", 1 epoch")
+            )
             results = {}
             for tool in TOOLS:
-                job = {"tool": tool, "name": name, "mode": mode, "workload": asdict(w),
-                       "model": model, "max_length": args.max_length, "max_steps": steps,
-                       "device": device, **data}  # fmt: skip
+                job = {
+                    "tool": tool,
+                    "name": name,
+                    "mode": mode,
+                    "workload": asdict(w),
+                    "model": model,
+                    "max_length": args.max_length,
+                    "max_steps": steps,
+                    "device": device,
+                    **data,
+                }
                 results[tool] = run_job(job, work, log)
                 used = tokens or steps_tokens(data, w, steps)
                 print(row(tool, results[tool], used, flops, peak), flush=True)
@@ -371,10 +469,16 @@ def run_all(args: argparse.Namespace) -> None:
                 ours["peak_memory"] / trl_r["peak_memory"],
             )
             diffs = agreement(trl_r, ours)
-            print(f"  ratios: speedup {speedup:.2f}x  memory {memory:.2f}x  "
-                  + "  ".join(f"{k} |diff| {v:.1e}" for k, v in diffs.items()))  # fmt: skip
-            figures["runs"][f"{name}/{mode}"] = {**results, "speedup": speedup, "memory": memory,
-                                                 **diffs}  # fmt: skip
+            print(
+                f"  ratios: speedup {speedup:.2f}x  memory {memory:.2f}x  "
+                + "  ".join(f"{k} |diff| {v:.1e}" for k, v in diffs.items())
+            )
+            figures["runs"][f"{name}/{mode}"] = {
+                **results,
+                "speedup": speedup,
+                "memory": memory,
+                **diffs,
+            }
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))
     print()
@@ -401,9 +505,11 @@ def final_line(runs: dict[str, Any]) -> str:
     def get(key: str, field: str) -> str:
         return f"{runs[key][field]:.2f}" if key in runs else "nan"
 
-    return (f"dpo_lora_speedup={get('dpo_lora/best', 'speedup')} "
-            f"dpo_lora_memory={get('dpo_lora/best', 'memory')} "
-            f"sft_lora_speedup={get('sft_lora/best', 'speedup')}")  # fmt: skip
+    return (
+        f"dpo_lora_speedup={get('dpo_lora/best', 'speedup')} "
+        f"dpo_lora_memory={get('dpo_lora/best', 'memory')} "
+        f"sft_lora_speedup={get('sft_lora/best', 'speedup')}"
+    )
 
 
 if __name__ == "__main__":

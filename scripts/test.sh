@@ -3,7 +3,8 @@
 # Extra arguments go to pytest, e.g. `scripts/test.sh -m "not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+ALIGNKIT_EXTRAS=all,dev bash scripts/setup.sh
 . .venv/bin/activate
-ruff check src tests
+ruff check src tests benchmarks
+ruff format --check src tests benchmarks
 python -m pytest tests "$@"

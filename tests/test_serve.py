@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import make_tiny_llama
+from support import make_tiny_llama
 
 from alignkit.config import load_recipe
 from alignkit.serve import StopTrimmer, create_app, cut_at_stop, load_engine
@@ -127,8 +127,9 @@ BAD = [
 @pytest.mark.parametrize(("body", "status"), BAD)
 def test_bad_requests_get_openai_shaped_4xx(url, body, status):
     if isinstance(body, str):
-        response = httpx.post(f"{url}/v1/chat/completions", content=body,
-                              headers={"content-type": "application/json"})  # fmt: skip
+        response = httpx.post(
+            f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
     else:
         response = httpx.post(f"{url}/v1/chat/completions", json=body)
     assert response.status_code == status
@@ -179,8 +180,11 @@ def test_stop_trimmer_holds_back_partial_stops():
 def test_serve_command_binds_loopback(tiny_model_dir):
     port = free_port()
     alignkit = Path(sys.executable).with_name("alignkit")
-    process = subprocess.Popen([str(alignkit), "serve", str(tiny_model_dir), "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [str(alignkit), "serve", str(tiny_model_dir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(600):
             try:

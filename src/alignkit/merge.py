@@ -7,17 +7,15 @@ for the merge (so W + scale * B A is exact to fp32) and cast to `--dtype` when s
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
+from alignkit import rundir
 from alignkit.config import ModelConfig
 from alignkit.errors import AlignkitError
 from alignkit.models import load_model, load_tokenizer, resolve, resolve_dtype
-
-MERGE_INFO = "merge_info.json"
 
 
 def check_merge_paths(adapter_dir: str, out: Path, overwrite: bool) -> str:
@@ -44,18 +42,14 @@ def merge_adapter(
     model = load_model(cfg).merge_and_unload()
     target = resolve_dtype(dtype, model.device) if dtype != "auto" else _saved_dtype(base)
     model = model.to(target)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(cfg).save_pretrained(tmp)
-    for extra in ("config.yaml", "metrics.jsonl", "run_info.json", "training_curves.png"):
-        if (Path(adapter_dir) / extra).is_file():  # the training record travels with the weights
-            shutil.copy2(Path(adapter_dir) / extra, tmp / extra)
-    info = {"adapter": str(Path(adapter_dir).resolve()), "base": base, "dtype": str(target)}
-    (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with rundir.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(cfg).save_pretrained(tmp)
+        for name in rundir.TRAINING_RECORD:  # the training record travels with the weights
+            if (Path(adapter_dir) / name).is_file():
+                shutil.copy2(Path(adapter_dir) / name, tmp / name)
+        info = {"adapter": str(Path(adapter_dir).resolve()), "base": base, "dtype": str(target)}
+        rundir.write_json(tmp / rundir.MERGE_INFO, info)
     return out
 
 

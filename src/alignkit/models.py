@@ -11,14 +11,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alignkit import rundir
 from alignkit.config import LoraConfig, ModelConfig
 from alignkit.errors import AlignkitError
 
@@ -57,16 +56,8 @@ def converted_gguf_dir(gguf: Path) -> Path:
     target = cache_dir() / "gguf" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
+    with rundir.atomic_dir(target, existing="keep") as tmp:  # another process may finish first
         _convert_gguf(gguf, tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished the same conversion first
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -248,3 +239,27 @@ def check_lora_targets(model: Any, targets: list[str]) -> None:
             f"lora.target_modules {missing} match no module of the model. "
             f"Its linear layers are: {', '.join(linear)} (or use all-linear)."
         )
+
+
+def is_local_model(name: str) -> bool:
+    """Whether a model spec names something on this machine (no hub needed)."""
+    return Path(name).exists() or name.endswith(".gguf") or name in DEFAULT_MODEL_NAMES
+
+
+def check_model(name: str, target_lists: list[list[str]], hub: bool) -> str:
+    """A note that the model can be found and that explicit LoRA targets exist in it.
+
+    The check builds the model's skeleton on the meta device: no weights are loaded.
+    """
+    if not is_local_model(name) and not hub:
+        return f"model {name}: hub id, not checked (hub unreachable)"
+    resolved = resolve(name)
+    if target_lists:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=False)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        for targets in target_lists:
+            check_lora_targets(skeleton, targets)
+    return f"model {name}: found" + (", LoRA targets exist" if target_lists else "")

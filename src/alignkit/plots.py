@@ -6,6 +6,8 @@ from pathlib import Path
 
 import matplotlib
 
+from alignkit import rundir
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -25,6 +27,12 @@ def plot_curves(records: list[dict[str, float]], panels: list[list[str]], path: 
         if any(name in r for r in records for name in names):
             ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """A PNG written atomically; the figure is closed."""
+    with rundir.atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path

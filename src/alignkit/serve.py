@@ -159,23 +159,41 @@ class Engine:
         if request.n != 1:
             raise ApiError(400, "Only n=1 is supported.", "n", "invalid_value")
         if request.model not in (None, self.name):
-            raise ApiError(404, f"The model '{request.model}' does not exist; this server has '{self.name}'.",
-                           "model", "model_not_found")  # fmt: skip
+            raise ApiError(
+                404,
+                f"The model '{request.model}' does not exist; this server has '{self.name}'.",
+                "model",
+                "model_not_found",
+            )
         room = self.context_length - len(prompt_ids)
         if room < 1:
-            raise ApiError(400, f"The prompt has {len(prompt_ids)} tokens; the model's context length is "
-                           f"{self.context_length}.", "messages", "context_length_exceeded")  # fmt: skip
+            raise ApiError(
+                400,
+                f"The prompt has {len(prompt_ids)} tokens; the model's context length is "
+                f"{self.context_length}.",
+                "messages",
+                "context_length_exceeded",
+            )
         asked = request.max_completion_tokens or request.max_tokens
         if asked is not None and asked > room:
-            raise ApiError(400, f"max_tokens is {asked}, but the prompt ({len(prompt_ids)} tokens) leaves "
-                           f"room for {room} in the context of {self.context_length}.", "max_tokens",
-                           "context_length_exceeded")  # fmt: skip
+            raise ApiError(
+                400,
+                f"max_tokens is {asked}, but the prompt ({len(prompt_ids)} tokens) leaves "
+                f"room for {room} in the context of {self.context_length}.",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         return asked or min(room, 512)
 
-    def _generate(self, ids: list[int], request: Sampling, budget: int,
-                  on_text: Callable[[str], None] | None) -> Generation:  # fmt: skip
-        cfg = GenerationConfig(max_new_tokens=budget, temperature=request.temperature,
-                               top_p=request.top_p, seed=request.seed or 0)  # fmt: skip
+    def _generate(
+        self, ids: list[int], request: Sampling, budget: int, on_text: Callable[[str], None] | None
+    ) -> Generation:
+        cfg = GenerationConfig(
+            max_new_tokens=budget,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed or 0,
+        )
         stops = request.stops()
         criteria = [completion_stop(self.tokenizer, len(ids), stops)] if stops else None
         streamer = text_streamer(self.tokenizer, on_text) if on_text else None
@@ -185,8 +203,13 @@ class Engine:
         ended = stopped or (len(out) > 0 and int(out[-1]) in end_ids) or len(out) < budget
         return Generation(text, len(ids), len(out), "stop" if ended else "length")
 
-    def generate(self, ids: list[int], request: Sampling, budget: int,
-                 on_text: Callable[[str], None] | None = None) -> Any:  # fmt: skip
+    def generate(
+        self,
+        ids: list[int],
+        request: Sampling,
+        budget: int,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Any:
         """Queue a generation on the single worker; returns its future."""
         return self.worker.submit(self._generate, ids, request, budget, on_text)
 
@@ -195,35 +218,54 @@ class Engine:
 
 
 def usage(gen: Generation) -> dict[str, int]:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens,
+        "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+    }
 
 
 def chat_response(engine: Engine, gen: Generation) -> dict[str, Any]:
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
         "model": engine.name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
-                     "finish_reason": gen.finish_reason}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": gen.text},
+                "finish_reason": gen.finish_reason,
+            }
+        ],
         "usage": usage(gen),
-    }  # fmt: skip
+    }
 
 
 def completion_response(engine: Engine, gen: Generation) -> dict[str, Any]:
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
         "model": engine.name,
-        "choices": [{"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason}],
+        "choices": [
+            {"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason}
+        ],
         "usage": usage(gen),
-    }  # fmt: skip
+    }
 
 
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def stream_events(engine: Engine, ids: list[int], request: Sampling, budget: int,
-                  chunk: Callable[[str | None, str | None], dict[str, Any]]) -> Iterator[str]:  # fmt: skip
+def stream_events(
+    engine: Engine,
+    ids: list[int],
+    request: Sampling,
+    budget: int,
+    chunk: Callable[[str | None, str | None], dict[str, Any]],
+) -> Iterator[str]:
     """Server-sent events: text deltas as they are generated, a finish chunk, [DONE]."""
     pieces: queue.Queue = queue.Queue()
     future = engine.generate(ids, request, budget, on_text=pieces.put)
@@ -251,8 +293,13 @@ def chat_chunker(engine: Engine) -> Callable[[str | None, str | None], dict[str,
 
     def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
         content = {"role": "assistant", "content": delta} if delta is not None else {}
-        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                "choices": [{"index": 0, "delta": content, "finish_reason": finish}]}  # fmt: skip
+        return {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": engine.name,
+            "choices": [{"index": 0, "delta": content, "finish_reason": finish}],
+        }
 
     return chunk
 
@@ -261,8 +308,15 @@ def completion_chunker(engine: Engine) -> Callable[[str | None, str | None], dic
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
-        return {"id": ident, "object": "text_completion", "created": created, "model": engine.name,
-                "choices": [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]}  # fmt: skip
+        return {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": engine.name,
+            "choices": [
+                {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            ],
+        }
 
     return chunk
 
@@ -295,8 +349,11 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     def authorized(request: Request) -> None:
         if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            raise ApiError(401, "Missing or wrong API key: send Authorization: Bearer <key>.",
-                           code="invalid_api_key")  # fmt: skip
+            raise ApiError(
+                401,
+                "Missing or wrong API key: send Authorization: Bearer <key>.",
+                code="invalid_api_key",
+            )
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -304,8 +361,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0,
-                                            "owned_by": "alignkit"}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "alignkit"}],
+        }
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     def chat(request: ChatRequest) -> Any:

@@ -62,8 +62,9 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         tensors = (self.input_ids, self.labels, self.attention_mask, self.position_ids)
-        return Batch(*(t.to(device) for t in tensors), self.input_tokens,
-                     move_blocks(self.blocks, device))  # fmt: skip
+        return Batch(
+            *(t.to(device) for t in tensors), self.input_tokens, move_blocks(self.blocks, device)
+        )
 
 
 def example_labels(example: TokenizedExample) -> list[int]:
@@ -178,9 +179,14 @@ class SequenceBatch:
             return None if t is None else t.to(device)
 
         tensors = (self.input_ids, self.labels, self.attention_mask, self.position_ids, self.owner)
-        return SequenceBatch(*(t.to(device) for t in tensors), self.units, self.input_tokens,
-                             move(self.ref), move(self.desirable),
-                             move_blocks(self.blocks, device))  # fmt: skip
+        return SequenceBatch(
+            *(t.to(device) for t in tensors),
+            self.units,
+            self.input_tokens,
+            move(self.ref),
+            move(self.desirable),
+            move_blocks(self.blocks, device),
+        )
 
 
 def sequence_batch(
@@ -249,8 +255,12 @@ class Segment:
 
 def completion_segment(prompt: list[int], completion: list[int], slot: int) -> Segment:
     n = len(prompt) + len(completion)
-    return Segment(prompt + completion, [IGNORE] * len(prompt) + completion,
-                   [-1] * len(prompt) + [slot] * len(completion), list(range(n)))  # fmt: skip
+    return Segment(
+        prompt + completion,
+        [IGNORE] * len(prompt) + completion,
+        [-1] * len(prompt) + [slot] * len(completion),
+        list(range(n)),
+    )
 
 
 def shared_pair_segment(pair: TokenizedPair, index: int, units: int) -> Segment:
@@ -304,10 +314,11 @@ def flat_batch_of(segments: list[Segment], units: int) -> SequenceBatch:
 def flat_batch(examples: list[TokenizedExample]) -> Batch:
     """SFT examples in one padding-free row, each attending only to itself."""
     segments = [
-        Segment(e.input_ids, example_labels(e), [0] * len(e.input_ids),
-                list(range(len(e.input_ids))))
+        Segment(
+            e.input_ids, example_labels(e), [0] * len(e.input_ids), list(range(len(e.input_ids)))
+        )
         for e in examples
-    ]  # fmt: skip
+    ]
     (ids, labels, _, positions), blocks = flat_row(segments)
     return Batch(ids, labels, torch.ones_like(ids), positions, ids.shape[1], blocks)
 

@@ -160,6 +160,45 @@ def read_records(source: DataSource) -> list[tuple[str, Any]]:
     return read_hub(source)
 
 
+def is_local(source: DataSource) -> bool:
+    """Whether a source names a local file (or what would be one, were it there)."""
+    path = Path(source.path).expanduser()
+    return path.is_file() or path.suffix in (*LOCAL_SUFFIXES, ".gz")
+
+
+def hub_format(source: DataSource) -> Format:
+    """The format of a hub dataset, detected from its first rows (streamed, not downloaded)."""
+    from datasets import load_dataset
+
+    split = source.split.split("[", 1)[0]
+    try:
+        stream = load_dataset(source.path, source.name, split=split, streaming=True)
+        rows = [(f"row {i}", dict(r)) for i, r in zip(range(1, 4), stream, strict=False)]
+    except Exception as exc:  # noqa: BLE001 - any hub failure is reported the same way
+        raise AlignkitError(f"Dataset '{source.path}' ({split}) could not be read: {exc}") from None
+    return pick_format(source, rows)
+
+
+def check_source(source: DataSource, kinds: tuple[str, ...], hub: bool, who: str) -> str:
+    """A note on what `source` holds; an error when it is not one of `kinds` of data.
+
+    Local files are read whole; hub datasets are sampled when `hub` is reachable.
+    """
+    if is_local(source):
+        _, report = load_source(source)
+        name, kind, what = report.format, report.kind, f"{report.used} rows"
+    elif hub:
+        fmt = hub_format(source)
+        name, kind, what = fmt.name, fmt.kind, "hub dataset"
+    else:
+        return f"{source.path}: hub dataset, not checked (hub unreachable)"
+    if kind not in kinds:
+        raise AlignkitError(
+            f"{who} needs {' or '.join(kinds)} data; '{source.path}' holds {kind} data ({name})."
+        )
+    return f"{source.path}: {name}, {what}"
+
+
 def pick_format(source: DataSource, records: list[tuple[str, Any]]) -> Format:
     if source.format != "auto":
         if source.format not in FORMATS:

@@ -19,12 +19,31 @@ from typing import Any
 
 # every key an IFEval instruction can take; the hub rows carry all of them (None when unused)
 IFEVAL_KWARGS = (
-    "num_highlights", "relation", "num_words", "num_placeholders", "prompt_to_repeat",
-    "num_bullets", "section_spliter", "num_sections", "capital_relation", "capital_frequency",
-    "keywords", "num_paragraphs", "language", "let_relation", "letter", "let_frequency",
-    "end_phrase", "forbidden_words", "keyword", "frequency", "num_sentences",
-    "postscript_marker", "first_word", "nth_paragraph",
-)  # fmt: skip
+    "num_highlights",
+    "relation",
+    "num_words",
+    "num_placeholders",
+    "prompt_to_repeat",
+    "num_bullets",
+    "section_spliter",
+    "num_sections",
+    "capital_relation",
+    "capital_frequency",
+    "keywords",
+    "num_paragraphs",
+    "language",
+    "let_relation",
+    "letter",
+    "let_frequency",
+    "end_phrase",
+    "forbidden_words",
+    "keyword",
+    "frequency",
+    "num_sentences",
+    "postscript_marker",
+    "first_word",
+    "nth_paragraph",
+)
 
 
 def gsm8k_row(record: dict[str, Any]) -> dict[str, Any]:

@@ -166,12 +166,20 @@ class SharedContextLM(HFLM):
         groups, too_long = group_by_context(requests, self.max_length)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         if too_long:  # truncated from the left: lm-eval's own path
-            for i, answer in zip(too_long, super()._loglikelihood_tokens(
-                    [requests[i] for i in too_long], disable_tqdm, override_bs), strict=True):  # fmt: skip
+            for i, answer in zip(
+                too_long,
+                super()._loglikelihood_tokens(
+                    [requests[i] for i in too_long], disable_tqdm, override_bs
+                ),
+                strict=True,
+            ):
                 results[i] = answer
         size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 16)
-        bar = tqdm(total=len(requests) - len(too_long), disable=disable_tqdm or self.rank != 0,
-                   desc="Scoring choices (shared context)")  # fmt: skip
+        bar = tqdm(
+            total=len(requests) - len(too_long),
+            disable=disable_tqdm or self.rank != 0,
+            desc="Scoring choices (shared context)",
+        )
         for context, indices in sorted(groups.items(), key=lambda g: -len(g[0])):
             answers = score_continuations(
                 self.model, list(context), [requests[i][2] for i in indices], size

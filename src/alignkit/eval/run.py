@@ -2,7 +2,7 @@
 
 lm-eval is the engine: its tasks, prompts, filters and metrics. alignkit loads the
 model (anything `models.load_model` takes), picks the data source (hub or shipped),
-sets the seeds' few-shot counts, spreads `--limit` over MMLU's subjects, times each
+sets each benchmark's usual few-shot count, spreads `--limit` over MMLU's subjects, times each
 benchmark and writes the results, a comparison table and a bar chart.
 """
 
@@ -16,8 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from alignkit.atomic import write_json_atomic
+from alignkit import rundir
 from alignkit.config import EvalConfig, Recipe, to_dict
+from alignkit.config.check import check
 from alignkit.errors import AlignkitError
 from alignkit.eval.report import write_comparison
 from alignkit.eval.tasks import (
@@ -33,7 +34,6 @@ from alignkit.eval.tasks import (
 )
 from alignkit.models import DEFAULT_MODEL_NAMES, load_model, load_tokenizer
 
-RESULTS = "results.json"
 CPU_BATCH = 8
 BOOTSTRAP_ITERS = 1000
 
@@ -74,21 +74,20 @@ def plan_eval(cfg: EvalConfig, offline: bool | None = None) -> Plan:
         offline = cfg.offline or not hub_reachable()
     if offline:
         check_offline(benchmarks)
-    if cfg.limit is not None and cfg.limit < 1:
-        raise AlignkitError(f"eval.limit must be at least 1; got {cfg.limit}.")
-    chat = {b.name: b.chat_template if cfg.apply_chat_template is None else cfg.apply_chat_template
-            for b in benchmarks}  # fmt: skip
+    chat = {
+        b.name: b.chat_template if cfg.apply_chat_template is None else cfg.apply_chat_template
+        for b in benchmarks
+    }
     samples = {b.name: sample_indices(cfg.limit, eval_split_sizes(b)) for b in benchmarks}
-    out = Path(cfg.output_dir or "runs/eval")
+    out = Path(cfg.output_dir) if cfg.output_dir else rundir.default_dir("eval")
     return Plan(benchmarks, parse_fewshot(cfg.num_fewshot, benchmarks), chat, samples, offline, out)
 
 
 def batch_size(spec: str, device: str) -> int | str:
-    """lm-eval batch size; `auto` probes GPU memory, which on a CPU would exhaust RAM."""
+    """lm-eval batch size (checked by `config.check`); `auto` probes GPU memory, which on
+    a CPU would exhaust RAM."""
     if spec == "auto":
         return "auto" if device.startswith("cuda") else CPU_BATCH
-    if not spec.isdigit() or int(spec) < 1:
-        raise AlignkitError(f"eval.batch_size must be auto or a positive number; got '{spec}'.")
     return int(spec)
 
 
@@ -132,8 +131,11 @@ def summarize(
     note = benchmark.offline_note if offline else None
     summary = {}
     for metric in benchmark.metrics:
-        key = benchmark.name if len(benchmark.metrics) == 1 else (
-            f"{benchmark.name}/{metric.key.split(',')[0]}")  # fmt: skip
+        key = (
+            benchmark.name
+            if len(benchmark.metrics) == 1
+            else (f"{benchmark.name}/{metric.key.split(',')[0]}")
+        )
         items = {t: counts[t]["effective"] for t in results if t in counts}
         values = {t: metric_value(results, t, metric.key) for t in items}
         n = sum(items.values())
@@ -144,13 +146,20 @@ def summarize(
             stderr = math.sqrt(
                 sum((s * items[t] / n) ** 2 for s, t in zip(stderrs, items, strict=True))
             )
-        summary[key] = {"label": metric.label.format(shots=shots), "metric": metric.key, "value": value,
-                        "stderr": stderr, "items": n, "note": note or None}  # fmt: skip
+        summary[key] = {
+            "label": metric.label.format(shots=shots),
+            "metric": metric.key,
+            "value": value,
+            "stderr": stderr,
+            "items": n,
+            "note": note or None,
+        }
     return summary
 
 
-def run_benchmark(lm: Any, benchmark: Benchmark, plan: Plan, cfg: EvalConfig,
-                  task_manager: Any) -> dict[str, Any]:  # fmt: skip
+def run_benchmark(
+    lm: Any, benchmark: Benchmark, plan: Plan, cfg: EvalConfig, task_manager: Any
+) -> dict[str, Any]:
     """One benchmark through lm-eval's `simple_evaluate`."""
     from lm_eval import simple_evaluate
 
@@ -189,17 +198,17 @@ def settings(plan: Plan, cfg: EvalConfig, benchmark: Benchmark) -> dict[str, Any
 
 def write_samples(output: dict[str, Any], folder: Path) -> None:
     """lm-eval's per-item records (prompts, answers, scores), one JSON line each."""
-    folder.mkdir(parents=True, exist_ok=True)
     for task, rows in output.get("samples", {}).items():
-        with open(folder / f"{task}.jsonl", "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, default=str) + "\n")
+        lines = "".join(json.dumps(row, default=str) + "\n" for row in rows)
+        rundir.write_text(folder / f"{task}.jsonl", lines)
 
 
 def check_outputs(plan: Plan, labels: list[str], overwrite: bool) -> None:
     """Refuse, before any work, to replace earlier results unless asked."""
     existing = [
-        plan.out / label / RESULTS for label in labels if (plan.out / label / RESULTS).exists()
+        plan.out / label / rundir.RESULTS
+        for label in labels
+        if (plan.out / label / rundir.RESULTS).exists()
     ]
     if existing and not overwrite:
         raise AlignkitError(
@@ -210,19 +219,24 @@ def check_outputs(plan: Plan, labels: list[str], overwrite: bool) -> None:
 
 def evaluate_models(specs: list[str], recipe: Recipe, say: Any = print) -> list[dict[str, Any]]:
     """Evaluate each model spec on the planned benchmarks; writes results and the table."""
+    check(recipe, "eval")
     cfg = recipe.eval
     plan = plan_eval(cfg)
     labels = unique_labels(specs)
     check_outputs(plan, labels, cfg.overwrite)
     source = "the shipped offline copies" if plan.offline else "the Hugging Face Hub"
-    say(f"Benchmarks {', '.join(b.name for b in plan.benchmarks)} on {source}"
-        + (f", at most {cfg.limit} items each" if cfg.limit else ""))  # fmt: skip
+    say(
+        f"Benchmarks {', '.join(b.name for b in plan.benchmarks)} on {source}"
+        + (f", at most {cfg.limit} items each" if cfg.limit else "")
+    )
     with tempfile.TemporaryDirectory(prefix="alignkit-lm-eval-tasks-") as tmp:
         task_manager = make_task_manager(plan, Path(tmp))
-        results = [evaluate_one(spec, label, recipe, plan, task_manager, say)
-                   for spec, label in zip(specs, labels, strict=True)]  # fmt: skip
+        results = [
+            evaluate_one(spec, label, recipe, plan, task_manager, say)
+            for spec, label in zip(specs, labels, strict=True)
+        ]
     table, chart = write_comparison(results, plan.out)
-    say(f"results: {plan.out}/<model>/{RESULTS}\ntable: {table}\nchart: {chart}")
+    say(f"results: {plan.out}/<model>/{rundir.RESULTS}\ntable: {table}\nchart: {chart}")
     return results
 
 
@@ -235,18 +249,28 @@ def make_task_manager(plan: Plan, folder: Path) -> Any:
     return TaskManager(include_path=str(write_offline_tasks(plan.benchmarks, folder)))
 
 
-def evaluate_one(spec: str, label: str, recipe: Recipe, plan: Plan, task_manager: Any,
-                 say: Any) -> dict[str, Any]:  # fmt: skip
+def evaluate_one(
+    spec: str, label: str, recipe: Recipe, plan: Plan, task_manager: Any, say: Any
+) -> dict[str, Any]:
     """All planned benchmarks on one model; writes its results.json and samples."""
     cfg = recipe.eval
     started = time.perf_counter()
     lm = load_eval_model(spec, recipe)
-    record: dict[str, Any] = {"model": label, "model_spec": spec, "limit": cfg.limit,
-                              "offline": plan.offline, "settings": {}, "summary": {},
-                              "task_seconds": {}, "lm_eval": {}}  # fmt: skip
+    record: dict[str, Any] = {
+        "model": label,
+        "model_spec": spec,
+        "limit": cfg.limit,
+        "offline": plan.offline,
+        "settings": {},
+        "summary": {},
+        "task_seconds": {},
+        "lm_eval": {},
+    }
     for benchmark in plan.benchmarks:
-        say(f"[{label}] {benchmark.name}: {record_items(plan, benchmark)} items, "
-            f"{plan.shots[benchmark.name]}-shot")  # fmt: skip
+        say(
+            f"[{label}] {benchmark.name}: {record_items(plan, benchmark)} items, "
+            f"{plan.shots[benchmark.name]}-shot"
+        )
         t0 = time.perf_counter()
         output = run_benchmark(lm, benchmark, plan, cfg, task_manager)
         seconds = time.perf_counter() - t0
@@ -254,14 +278,14 @@ def evaluate_one(spec: str, label: str, recipe: Recipe, plan: Plan, task_manager
         record["task_seconds"][benchmark.name] = round(seconds, 1)
         record["settings"][benchmark.name] = settings(plan, cfg, benchmark)
         record["summary"].update(summary)
-        write_samples(output, plan.out / label / "samples")
+        write_samples(output, plan.out / label / rundir.SAMPLES)
         output.pop("samples", None)
         record["lm_eval"][benchmark.name] = output
         figures = ", ".join(f"{v['label']} {100 * v['value']:.1f}" for v in summary.values())
         say(f"[{label}] {benchmark.name} done in {seconds:.0f}s: {figures}")
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     record["eval_config"] = to_dict(cfg)
-    write_json_atomic(record, plan.out / label / RESULTS)
+    rundir.write_json(plan.out / label / rundir.RESULTS, record)
     return record
 
 

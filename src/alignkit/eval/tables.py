@@ -34,14 +34,18 @@ def comparison_table(results: list[dict[str, Any]]) -> str:
         for task, item in r["summary"].items():
             mark = marks.get(item.get("note") or "")
             rows.setdefault(task, item.get("label", task) + (f" {mark}" if mark else ""))
-    lines = ["| benchmark | " + " | ".join(r["model"] for r in results) + " |",
-             "|---|" + "---:|" * len(results)]  # fmt: skip
+    lines = [
+        "| benchmark | " + " | ".join(r["model"] for r in results) + " |",
+        "|---|" + "---:|" * len(results),
+    ]
     for task, label in rows.items():
         values = [r["summary"].get(task, {}).get("value") for r in results]
         present = [v for v in values if v is not None]
         best = max(present) if len(present) > 1 else None
-        cells = ["–" if v is None else (f"**{100 * v:.2f}**" if v == best else f"{100 * v:.2f}")
-                 for v in values]  # fmt: skip
+        cells = [
+            "–" if v is None else (f"**{100 * v:.2f}**" if v == best else f"{100 * v:.2f}")
+            for v in values
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     footer = [f"{mark} Offline data: {note}." for note, mark in marks.items()]
     limits = {r.get("limit") for r in results} - {None}

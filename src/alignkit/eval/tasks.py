@@ -246,8 +246,10 @@ def sample_indices(limit: int | None, sizes: dict[str, int]) -> dict[str, list[i
 def offline_config(benchmark: Benchmark, task: str, tasks_root: Path) -> dict[str, Any]:
     """The include-and-override YAML that points one lm-eval task at the shipped data."""
     subject = task.removeprefix("mmlu_")
-    files = {split: str(data_file(name.format(subject=subject)))
-             for split, name in benchmark.offline.items()}  # fmt: skip
+    files = {
+        split: str(data_file(name.format(subject=subject)))
+        for split, name in benchmark.offline.items()
+    }
     return {
         "include": str(tasks_root / benchmark.yaml.format(subject=subject)),
         "task": task,

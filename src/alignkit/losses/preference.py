@@ -384,18 +384,6 @@ def combined_loss(
     return total, outputs[0][1], outputs[0][2]
 
 
-def param_problems(names: list[str], p: LossParams) -> list[str]:
-    """What is wrong with the hyperparameters for these losses (empty when fine)."""
-    problems = []
-    if p.beta <= 0:
-        problems.append(f"pref.beta must be above 0 (got {p.beta}).")
-    if "robust" in names and not 0 <= p.label_smoothing < 0.5:
-        problems.append("robust needs pref.label_smoothing in [0, 0.5).")
-    if "exo_pair" in names and not 0 < p.label_smoothing < 1:
-        problems.append("exo_pair needs pref.label_smoothing in (0, 1); the EXO paper uses 1e-3.")
-    return problems
-
-
 def pair_metrics(lp: PairLogps, chosen_r: Tensor, rejected_r: Tensor) -> dict[str, Tensor]:
     """Per-pair metric values with TRL's names; the loop averages them over pairs."""
     return {

@@ -28,6 +28,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
+from alignkit import rundir
 from alignkit.config import TrainConfig
 from alignkit.errors import AlignkitError
 
@@ -119,45 +120,31 @@ def save_checkpoint(
     directory: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState, keep: int
 ) -> Path:
     """Write checkpoint-{step} atomically (temporary dir, then rename); keep the last `keep`."""
-    final = directory / f"checkpoint-{state.step}"
-    tmp = directory / f".tmp-checkpoint-{state.step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-        tmp / "optimizer.pt",
-    )
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state)))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in checkpoints(directory)[:-keep] if keep > 0 else []:
+    final = rundir.checkpoint_dir(directory, state.step)
+    with rundir.atomic_dir(final) as tmp:
+        save_file(trainable_state(model), tmp / rundir.CHECKPOINT_WEIGHTS)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+            tmp / rundir.CHECKPOINT_OPTIMIZER,
+        )
+        torch.save(_rng_state(), tmp / rundir.CHECKPOINT_RNG)
+        (tmp / rundir.CHECKPOINT_STATE).write_text(json.dumps(asdict(state)))
+    for old in rundir.checkpoints(directory)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _step_of(path: Path) -> int:
-    return int(path.name.split("-")[-1])
-
-
-def checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary dirs are never listed)."""
-    found = [p for p in directory.glob("checkpoint-*") if (p / "state.json").is_file()]
-    return sorted(found, key=_step_of)
-
-
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
-    weights = load_file(path / "trainable.safetensors")
+    weights = load_file(path / rundir.CHECKPOINT_WEIGHTS)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    states = torch.load(path / "optimizer.pt", weights_only=False)
+    states = torch.load(path / rundir.CHECKPOINT_OPTIMIZER, weights_only=False)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return TrainState(**json.loads((path / "state.json").read_text()))
+    _set_rng_state(torch.load(path / rundir.CHECKPOINT_RNG, weights_only=False))
+    return TrainState(**rundir.read_json(path / rundir.CHECKPOINT_STATE))
 
 
 # ---------------------------------------------------------------- logging
@@ -175,7 +162,7 @@ class MetricsLog:
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+            self.writer = SummaryWriter(str(path.parent / rundir.TENSORBOARD))
         elif report_to == "wandb":
             import wandb
 
@@ -201,14 +188,10 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 # ---------------------------------------------------------------- the loop
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoopParts:
     """What a stage hands the loop."""
 
@@ -289,7 +272,7 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
             resume_from, acc.unwrap_model(parts.model), parts.optimizer, parts.scheduler
         )
     log = MetricsLog(
-        parts.output_dir / "metrics.jsonl",
+        parts.output_dir / rundir.METRICS,
         cfg.report_to,
         acc.is_main_process,
         resume_from is not None,
@@ -328,8 +311,15 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
             state.trained_tokens += count
             elapsed = time.perf_counter() - started
             state.train_seconds += elapsed
-            record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
-                      "trained_tokens": state.trained_tokens, "tokens_per_s": input_tokens / elapsed, **metrics}  # fmt: skip
+            record = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "loss": loss,
+                "lr": lr,
+                "trained_tokens": state.trained_tokens,
+                "tokens_per_s": input_tokens / elapsed,
+                **metrics,
+            }
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             last = state.step == steps
@@ -340,8 +330,14 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
             progress.update(task, completed=state.step, loss=loss, tps=input_tokens / elapsed)
             if (cfg.save_steps and state.step % cfg.save_steps == 0) or last:
                 if acc.is_main_process:
-                    save_checkpoint(parts.output_dir, acc.unwrap_model(parts.model), parts.optimizer,
-                                    parts.scheduler, state, cfg.save_total_limit)  # fmt: skip
+                    save_checkpoint(
+                        parts.output_dir,
+                        acc.unwrap_model(parts.model),
+                        parts.optimizer,
+                        parts.scheduler,
+                        state,
+                        cfg.save_total_limit,
+                    )
                 acc.wait_for_everyone()
     log.close()
     return state

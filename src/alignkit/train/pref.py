@@ -7,7 +7,6 @@ completion log-probs under the policy and the reference; a loss from
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -17,12 +16,13 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from alignkit import rundir
 from alignkit.config import PrefConfig, Recipe
+from alignkit.config.check import check, loss_plan
 from alignkit.data.batching import SequenceBatch, feedback_batch, pair_batch
 from alignkit.data.tokenize import TokenizedPair
 from alignkit.errors import AlignkitError
 from alignkit.losses.preference import (
-    ALL_LOSSES,
     FEEDBACK_LOSSES,
     LossParams,
     PairLogps,
@@ -31,10 +31,9 @@ from alignkit.losses.preference import (
     kto_reference_point,
     needs_reference,
     pair_metrics,
-    param_problems,
 )
-from alignkit.models import load_model, resolve, resolve_device
-from alignkit.train.loop import LoopParts, read_metrics, run_loop, total_steps
+from alignkit.models import load_model, resolve
+from alignkit.train.logps import sequence_logps
 from alignkit.train.reference import (
     Scorer,
     cached_reference,
@@ -42,16 +41,7 @@ from alignkit.train.reference import (
     model_fingerprint,
     reference_scorer,
 )
-from alignkit.train.setup import (
-    StageData,
-    finish,
-    load_stage_data,
-    load_trainable,
-    make_accelerator,
-    make_optimizer,
-    prepare_output_dir,
-)
-from alignkit.train.step import sequence_logps
+from alignkit.train.stage import StageRun, prepare_optimizer, prepare_stage, train_and_save
 
 LossSums = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 CURVES = [
@@ -61,43 +51,16 @@ CURVES = [
 ]
 
 
-def loss_plan(cfg: PrefConfig) -> tuple[list[str], list[float]]:
-    """The loss names and weights to sum (RPO's NLL term appended when rpo_alpha > 0)."""
-    names, weights = list(cfg.loss), list(cfg.loss_weights) or [1.0] * len(cfg.loss)
-    unknown = [n for n in names if n not in ALL_LOSSES]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], ALL_LOSSES, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise AlignkitError(
-            f"pref.loss: unknown loss '{unknown[0]}'.{hint} Known: {', '.join(ALL_LOSSES)}."
-        )
-    if len(weights) != len(names):
-        raise AlignkitError(
-            f"pref.loss_weights has {len(weights)} value(s) for {len(names)} loss(es) "
-            f"({', '.join(names)}); give one weight per loss or none."
-        )
-    if any(n in FEEDBACK_LOSSES for n in names) and len(names) > 1:
-        raise AlignkitError(
-            "kto trains on unpaired feedback and cannot be combined with other losses."
-        )
-    if cfg.rpo_alpha > 0:
-        names, weights = [*names, "sft"], [*weights, cfg.rpo_alpha]
-    return names, weights
-
-
 def loss_params(cfg: PrefConfig) -> LossParams:
-    return LossParams(cfg.beta, cfg.label_smoothing, cfg.discopop_tau, cfg.simpo_gamma,
-                      cfg.cpo_alpha, cfg.desirable_weight, cfg.undesirable_weight)  # fmt: skip
-
-
-def check_pref(cfg: PrefConfig) -> tuple[list[str], list[float], LossParams]:
-    """Validated loss plan and parameters, or an error listing every problem."""
-    names, weights = loss_plan(cfg)
-    params = loss_params(cfg)
-    problems = param_problems(names, params)
-    if problems:
-        raise AlignkitError(" ".join(problems))
-    return names, weights, params
+    return LossParams(
+        beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing,
+        discopop_tau=cfg.discopop_tau,
+        simpo_gamma=cfg.simpo_gamma,
+        cpo_alpha=cfg.cpo_alpha,
+        desirable_weight=cfg.desirable_weight,
+        undesirable_weight=cfg.undesirable_weight,
+    )
 
 
 # ---------------------------------------------------------------- per-batch loss sums
@@ -116,8 +79,14 @@ def pair_loss_sums(
     sums, counts = sequence_logps(model, batch, chunk)
     n = batch.units
     ref = score_ref(batch).to(sums.dtype) if score_ref is not None else None
-    lp = PairLogps(sums[:n], sums[n:], counts[:n], counts[n:],
-                   None if ref is None else ref[:n], None if ref is None else ref[n:])  # fmt: skip
+    lp = PairLogps(
+        chosen=sums[:n],
+        rejected=sums[n:],
+        chosen_tokens=counts[:n],
+        rejected_tokens=counts[n:],
+        ref_chosen=None if ref is None else ref[:n],
+        ref_rejected=None if ref is None else ref[n:],
+    )
     losses, chosen_r, rejected_r = combined_loss(lp, names, weights, params)
     metrics = {k: v.sum() for k, v in pair_metrics(lp, chosen_r, rejected_r).items()}
     return losses.sum(), torch.tensor(n), metrics
@@ -171,11 +140,6 @@ def scoring_method(recipe: Recipe) -> str:
 
 
 def check_model_input(recipe: Recipe) -> None:
-    if recipe.train.packing:
-        raise AlignkitError(
-            "train.packing applies to SFT; preference pairs are padding-free already "
-            "(train.padding_free). Remove --packing for alignkit pref."
-        )
     if resolve(recipe.model.name_or_path).adapter:
         raise AlignkitError(
             f"model.name_or_path '{recipe.model.name_or_path}' is a LoRA adapter dir. Merge it "
@@ -183,87 +147,105 @@ def check_model_input(recipe: Recipe) -> None:
         )
 
 
-def attach_reference(
-    data: StageData, recipe: Recipe, score: Scorer, model_fp: str, device: torch.device,
-    console: Console, verbose: bool,
-) -> None:  # fmt: skip
+def attach_reference(run: StageRun, score: Scorer, model_fp: str) -> None:
     """Give every train and eval pair its cached (or freshly computed) reference log-probs."""
+    recipe, data = run.recipe, run.data
     make = pair_batcher(recipe, data.tokenizer.pad_token_id)
     for split in ("train_rows", "eval_rows"):
         rows = getattr(data, split)
         if not rows:
             continue
-        compute = partial(compute_reference, rows, score, make, recipe.train.micro_batch_size,
-                          device, verbose)  # fmt: skip
+        compute = partial(
+            compute_reference,
+            rows,
+            score,
+            make,
+            recipe.train.micro_batch_size,
+            run.accelerator.device,
+            run.verbose,
+        )
         with_ref, path, hit = cached_reference(rows, model_fp, scoring_method(recipe), compute)
         setattr(data, split, with_ref)
-        if verbose:
-            console.print(
+        if run.verbose:
+            run.console.print(
                 f"reference log-probs ({split[:-5]}): {'reused' if hit else 'wrote'} {path}"
             )
 
 
 def eval_change(records: list[dict[str, float]], keys: list[str]) -> dict[str, tuple[float, float]]:
     """(first, last) value of each eval metric logged in the run."""
-    logged = [r for r in records if any(k in r for k in keys)]
-    if not logged:
-        return {}
-    return {k: (logged[0][k], logged[-1][k]) for k in keys if k in logged[0] and k in logged[-1]}
+    found = {key: rundir.first_last(records, key) for key in keys}
+    return {key: change for key, change in found.items() if change is not None}
+
+
+def prepare_reference(run: StageRun) -> Any | None:
+    """The frozen reference model a full-weight run needs, or None (LoRA: adapter off;
+    precomputed: every row carries its reference log-probs and the copy is freed)."""
+    recipe = run.recipe
+    lora = recipe.model.adapter != "none"
+    ref_model = None
+    if not lora or recipe.pref.ref_model:
+        ref_model = load_reference(recipe)
+    if recipe.pref.precompute_ref:
+        score = reference_scorer(run.model, run.model, ref_model, recipe.train.logps_chunk)
+        with run.accelerator.main_process_first():  # rank 0 writes the cache, others read it
+            attach_reference(run, score, model_fingerprint(ref_model or run.model))
+        return None
+    return ref_model
+
+
+def pref_loss_sums(run: StageRun, names: list[str], weights: list[float], ref_model: Any) -> Any:
+    """The per-batch loss of this run, scoring the reference through the prepared model
+    (DDP / FSDP need its forward)."""
+    chunk, params = run.recipe.train.logps_chunk, loss_params(run.recipe.pref)
+    score = None
+    if needs_reference(names):
+        unwrapped = run.accelerator.unwrap_model(run.model)
+        score = reference_scorer(run.model, unwrapped, ref_model, chunk)
+    if names[0] in FEEDBACK_LOSSES:
+        return partial(feedback_loss_sums, score_ref=score, params=params, chunk=chunk)
+    return partial(
+        pair_loss_sums, score_ref=score, names=names, weights=weights, params=params, chunk=chunk
+    )
+
+
+def pref_batcher(run: StageRun, feedback: bool) -> Callable[[list[Any]], SequenceBatch]:
+    pad_id = run.data.tokenizer.pad_token_id
+    if feedback:
+        cfg = run.recipe
+        return partial(
+            feedback_batch,
+            pad_id=pad_id,
+            max_length=cfg.data.max_length,
+            flat=cfg.train.padding_free,
+        )
+    return pair_batcher(run.recipe, pad_id)
 
 
 def train_pref(recipe: Recipe, console: Console | None = None) -> Path:
-    console = console or Console()
-    cfg, pcfg = recipe.train, recipe.pref
-    names, weights, params = check_pref(pcfg)
+    check(recipe, "pref")
     check_model_input(recipe)
-    accelerator = make_accelerator(cfg, resolve_device(recipe.model.device))
-    out, resume_from = prepare_output_dir(cfg, "pref")
-    accelerator.wait_for_everyone()  # every rank has checked the dir before rank 0 writes to it
-    torch.manual_seed(cfg.seed)
-    feedback, referenced = names[0] in FEEDBACK_LOSSES, needs_reference(names)
-    verbose = accelerator.is_main_process
-    data = load_stage_data(recipe, ("feedback",) if feedback else ("pair",), console, verbose)
-    model = load_trainable(recipe)
-    lora = recipe.model.adapter != "none"
-    ref_model = None
-    if referenced and (not lora or pcfg.ref_model):
-        ref_model = load_reference(recipe)
-    if pcfg.disable_dropout:
-        disable_dropout(model)
-    chunk = cfg.logps_chunk
-    score = reference_scorer(model, model, ref_model, chunk) if referenced else None
-    if pcfg.precompute_ref and score is not None:
-        if feedback:
-            raise AlignkitError(
-                "pref.precompute_ref is not available for kto (its KL pairs change per batch)."
-            )
-        with accelerator.main_process_first():  # rank 0 writes the cache, the others read it
-            attach_reference(data, recipe, score, model_fingerprint(ref_model or model),
-                             accelerator.device, console, verbose)  # fmt: skip
-        ref_model = None  # every row now carries its reference log-probs: free the copy
-    if feedback:
-        make_batch = partial(feedback_batch, pad_id=data.tokenizer.pad_token_id,
-                             max_length=recipe.data.max_length, flat=cfg.padding_free)  # fmt: skip
-    else:
-        make_batch = pair_batcher(recipe, data.tokenizer.pad_token_id)
-    steps = total_steps(len(data.train_rows), cfg, accelerator.num_processes)
-    optimizer, scheduler = make_optimizer(model, cfg, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if score is not None:  # score through the prepared model (DDP / FSDP need its forward)
-        score = reference_scorer(model, accelerator.unwrap_model(model), ref_model, chunk)
-    if feedback:
-        loss_sums = partial(feedback_loss_sums, score_ref=score, params=params, chunk=chunk)
-    else:
-        loss_sums = partial(pair_loss_sums, score_ref=score, names=names, weights=weights,
-                            params=params, chunk=chunk)  # fmt: skip
-    parts = LoopParts(accelerator, model, optimizer, scheduler, data.train_rows, make_batch,
-                      loss_sums, data.eval_rows, make_batch, cfg, out)  # fmt: skip
-    if resume_from is not None and verbose:
-        console.print(f"resuming from {resume_from}")
-    state = run_loop(parts, resume_from)
-    finish(accelerator, model, data, recipe, out, CURVES, console, "pref", state)
-    if verbose:
+    names, weights = loss_plan(recipe.pref)
+    feedback = names[0] in FEEDBACK_LOSSES
+    run = prepare_stage(recipe, "pref", ("feedback",) if feedback else ("pair",), console)
+    if recipe.pref.disable_dropout:
+        disable_dropout(run.model)
+    ref_model = prepare_reference(run) if needs_reference(names) else None
+    make_batch = pref_batcher(run, feedback)
+    optimizer, scheduler = prepare_optimizer(run, len(run.data.train_rows))
+    train_and_save(
+        run,
+        rows=run.data.train_rows,
+        make_batch=make_batch,
+        loss_sums=pref_loss_sums(run, names, weights, ref_model),
+        make_eval_batch=make_batch,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        curves=CURVES,
+    )
+    if run.verbose:
         keys = ["eval_rewards/accuracies", "eval_rewards/margins", "eval_loss"]
-        for key, (first, last) in eval_change(read_metrics(out / "metrics.jsonl"), keys).items():
-            console.print(f"{key}: {first:.4f} (first eval) -> {last:.4f} (last eval)")
-    return out
+        records = rundir.read_metrics(run.out / rundir.METRICS)
+        for key, (first, last) in eval_change(records, keys).items():
+            run.console.print(f"{key}: {first:.4f} (first eval) -> {last:.4f} (last eval)")
+    return run.out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -21,10 +20,11 @@ import torch
 from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
+from alignkit import rundir
 from alignkit.data.batching import SequenceBatch
 from alignkit.data.tokenize import TokenizedPair
 from alignkit.models import cache_dir
-from alignkit.train.step import sequence_logps
+from alignkit.train.logps import sequence_logps
 
 Scorer = Callable[[SequenceBatch], torch.Tensor]
 
@@ -114,10 +114,8 @@ def cached_reference(
         values = load_file(path)["ref_logps"]
     else:
         values = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        save_file({"ref_logps": values.contiguous()}, tmp)
-        tmp.replace(path)  # atomic: a reader sees no file or a whole one
+        with rundir.atomic_file(path) as tmp:  # a reader sees no file or a whole one
+            save_file({"ref_logps": values.contiguous()}, tmp)
     with_ref = [
         replace(p, ref_logps=(float(c), float(r)))
         for p, (c, r) in zip(pairs, values.tolist(), strict=True)

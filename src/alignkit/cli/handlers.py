@@ -1,0 +1,112 @@
+"""What each command does: a thin shell over a library function, imported when run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from alignkit.config import DataSource, Recipe, load_recipe, parse_overrides
+from alignkit.errors import AlignkitError
+
+
+def _recipe(args: argparse.Namespace, extra: list[str]) -> Recipe:
+    overrides = [(k, v) for k, v in vars(args).items() if "." in k and v is not None]
+    return load_recipe(args.config, overrides + parse_overrides(extra))
+
+
+def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.data.inspection import inspect_source, print_report
+
+    recipe = _recipe(args, extra)
+    source = DataSource(path=args.path, format=args.format, split=args.split)
+    print_report(inspect_source(recipe, source))
+
+
+def cmd_chat(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.chat import open_session, run_repl
+
+    session = open_session(_recipe(args, extra), args.system)
+    if args.prompt is not None:
+        print(session.reply(args.prompt))
+        return
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    run_repl(session, input, write)
+
+
+def cmd_sft(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.train.sft import train_sft
+
+    train_sft(_recipe(args, extra))
+
+
+def cmd_pref(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.train.pref import train_pref
+
+    train_pref(_recipe(args, extra))
+
+
+def cmd_merge(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.merge import merge_adapter
+
+    if extra:
+        raise AlignkitError(f"alignkit merge takes no settings; got {' '.join(extra)}.")
+    out = merge_adapter(args.adapter_dir, Path(args.out), args.dtype, args.overwrite)
+    print(f"merged model written to {out}")
+
+
+def cmd_card(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.card import write_card
+
+    if extra:
+        raise AlignkitError(f"alignkit card takes no settings; got {' '.join(extra)}.")
+    run_dirs = [Path(p) for p in args.run_dirs]
+    evals = [Path(p) for p in args.eval or []]
+    out = write_card(
+        run_dirs, evals, Path(args.out) if args.out else None, args.name, args.overwrite
+    )
+    print(f"model card written to {out}")
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
+    if args.compare:
+        from alignkit.eval.report import write_comparison
+        from alignkit.rundir import load_results
+
+        if args.models:
+            raise AlignkitError("Pass either MODEL... to evaluate or --compare DIR..., not both.")
+        recipe = _recipe(args, extra)
+        out = Path(recipe.eval.output_dir) if recipe.eval.output_dir else Path(args.compare[0])
+        table, chart = write_comparison(load_results([Path(p) for p in args.compare]), out)
+        print(table.read_text(encoding="utf-8"))
+        print(f"table: {table}\nchart: {chart}")
+        return
+    from alignkit.eval.run import evaluate_models
+
+    if not args.models:
+        raise AlignkitError("Name at least one MODEL to evaluate (or `default`).")
+    evaluate_models(args.models, _recipe(args, extra))
+
+
+def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.workflow import default_run_dir, describe, load_workflow, run_workflow, validate
+
+    workflow = load_workflow(args.recipe, extra)
+    run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(workflow)
+    if args.dry_run:
+        notes = validate(workflow)
+        print(describe(workflow, run_dir))
+        print("\nchecks:\n" + "\n".join(f"  {n}" for n in notes))
+        print("\nrecipe is valid (dry run: nothing was trained)")
+        return
+    run_workflow(workflow, run_dir, args.start, args.until)
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.serve import serve
+
+    serve(_recipe(args, extra), args.host, args.port, args.api_key, args.served_name)

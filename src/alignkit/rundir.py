@@ -1,0 +1,222 @@
+"""The run directory: the one owner of its file names, its atomic writes and its readers.
+
+Nothing else in alignkit spells an output file name. Every file or directory a command
+leaves behind is written beside its final path under a temporary name and renamed into
+place, so a reader, or a crash, sees the old version or the whole new one, never half.
+
+A training output dir holds the weights (adapter or full), the tokenizer, `CONFIG`,
+`METRICS`, `RUN_INFO`, `CURVES` and `checkpoint-<step>/` dirs; an eval output dir holds
+one `<model>/RESULTS` (plus `<model>/SAMPLES/`) per model and the `TABLE` and `CHART`;
+a workflow run dir holds one such dir per stage, `RECIPE`, `SUMMARY`, `STATE_DIR/` and
+`PREVIOUS/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from alignkit.errors import AlignkitError
+
+ROOT = "runs"  # default parent of every command's output dir
+
+# training outputs
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+RUN_INFO = "run_info.json"
+CURVES = "training_curves.png"
+TENSORBOARD = "tensorboard"
+MERGE_INFO = "merge_info.json"
+CARD = "README.md"
+
+# checkpoints
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_WEIGHTS = "trainable.safetensors"
+CHECKPOINT_OPTIMIZER = "optimizer.pt"
+CHECKPOINT_RNG = "rng.pt"
+CHECKPOINT_STATE = "state.json"
+
+# eval outputs
+RESULTS = "results.json"
+SAMPLES = "samples"
+TABLE = "comparison.md"
+CHART = "comparison.png"
+
+# workflow run dirs
+RECIPE = "recipe.yaml"
+SUMMARY = "summary.md"
+STATE_DIR = ".state"
+PREVIOUS = ".previous"
+
+# what travels from an adapter run into the merged model made from it
+TRAINING_RECORD = (CONFIG, METRICS, RUN_INFO, CURVES)
+
+
+def default_dir(command: str) -> Path:
+    """Where a command writes when no output dir is given: runs/<command>."""
+    return Path(ROOT) / command
+
+
+def checkpoint_dir(directory: Path, step: int) -> Path:
+    return directory / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary dirs are never listed)."""
+    found = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if (p / CHECKPOINT_STATE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def state_file(run_dir: Path, stage_id: str) -> Path:
+    return run_dir / STATE_DIR / f"{stage_id}.json"
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _temporary_sibling(path: Path, directory: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make = tempfile.mkdtemp if directory else tempfile.mkstemp
+    made = make(prefix=f".tmp-{path.name}.", dir=path.parent)
+    if isinstance(made, tuple):  # mkstemp: (fd, name)
+        os.close(made[0])
+        made = made[1]
+    return Path(made)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    tmp = _temporary_sibling(path, directory=False)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: Path, existing: Literal["replace", "keep"] = "replace") -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it becomes `path`.
+
+    An existing `path` is replaced (moved aside first, removed after the rename), or with
+    `existing="keep"` kept, the new one discarded (another process made the same thing).
+    """
+    tmp = _temporary_sibling(path, directory=True)
+    try:
+        yield tmp
+        if existing == "keep":
+            _rename_unless_there(tmp, path)
+            return
+        old = _move_aside(path)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rename_unless_there(tmp: Path, path: Path) -> None:
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not path.exists():
+            raise
+
+
+def _move_aside(path: Path) -> Path | None:
+    if not path.exists():
+        return None
+    aside = Path(tempfile.mkdtemp(prefix=f".old-{path.name}.", dir=path.parent))
+    aside.rmdir()
+    path.rename(aside)
+    return aside
+
+
+def write_text(path: Path, text: str) -> Path:
+    """UTF-8 text, written atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Indented JSON, written atomically."""
+    return write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The records of a metrics.jsonl (a missing file has none)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metric_values(records: list[dict[str, float]], key: str) -> list[float]:
+    """Every logged value of one metric, in step order."""
+    return [r[key] for r in records if key in r]
+
+
+def last_value(records: list[dict[str, float]], key: str) -> float | None:
+    values = metric_values(records, key)
+    return values[-1] if values else None
+
+
+def first_last(records: list[dict[str, float]], key: str) -> tuple[float, float] | None:
+    """The first and last logged value of one metric (None when it was never logged)."""
+    values = metric_values(records, key)
+    return (values[0], values[-1]) if values else None
+
+
+# ---------------------------------------------------------------- eval results
+
+
+def results_files(paths: list[Path]) -> list[Path]:
+    """results.json files: a file as given, a dir's own, or those of its model subdirs."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_file():
+            found.append(path)
+        elif (path / RESULTS).is_file():
+            found.append(path / RESULTS)
+        elif path.is_dir() and (subs := sorted(path.glob(f"*/{RESULTS}"))):
+            found.extend(subs)
+        else:
+            raise AlignkitError(
+                f"No eval results at '{path}': pass a {RESULTS}, a model's eval dir, or the "
+                "--output-dir of an `alignkit eval` run."
+            )
+    return found
+
+
+def load_results(paths: list[Path]) -> list[dict[str, Any]]:
+    """The `alignkit eval` results behind `paths` (see `results_files`), checked."""
+    results = []
+    for file in results_files(paths):
+        try:
+            data = read_json(file)
+        except json.JSONDecodeError as exc:
+            raise AlignkitError(
+                f"'{file}' is not valid JSON ({exc}); re-run alignkit eval."
+            ) from None
+        if not isinstance(data, dict) or "summary" not in data or "model" not in data:
+            raise AlignkitError(f"'{file}' is not an alignkit eval {RESULTS} (no summary/model).")
+        results.append(data)
+    return results

@@ -1,0 +1,263 @@
+"""What every training stage shares: its lifecycle around the loop.
+
+A stage (SFT, preference) reads top to bottom: `prepare_stage` (accelerator, output
+dir, seed, data, trainable model), then its own batching, loss and reference, then
+`train_and_save` (optimizer, loop, final weights, run info, curves).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from alignkit import rundir
+from alignkit.chat_templates import ChatTemplate, resolve_template
+from alignkit.config import Recipe, TrainConfig, dump_yaml, save_recipe
+from alignkit.data.sources import load_mixture
+from alignkit.data.tokenize import tokenize_examples
+from alignkit.errors import AlignkitError
+from alignkit.models import load_model, load_tokenizer, resolve_device
+from alignkit.plots import plot_curves
+from alignkit.train.loop import LoopParts, LossFn, TrainState, run_loop, total_steps
+
+
+def prepare_output_dir(cfg: TrainConfig, command: str) -> tuple[Path, Path | None]:
+    """The output dir (default runs/<command>) and the checkpoint to resume from.
+
+    Refuses to write into a non-empty dir unless told to overwrite or resume.
+    """
+    out = Path(cfg.output_dir) if cfg.output_dir else rundir.default_dir(command)
+    found = rundir.checkpoints(out) if out.is_dir() else []
+    if cfg.resume == "auto" and found:
+        return out, found[-1]
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite and cfg.resume != "auto":
+        raise AlignkitError(
+            f"Output directory '{out}' is not empty. Pass --overwrite to write into it, "
+            "--resume to continue its run, or choose another --output-dir."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out, None
+
+
+def make_accelerator(cfg: TrainConfig, device: torch.device) -> Any:
+    from accelerate import Accelerator
+
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if device.type != "cuda" and precision != "no":
+        raise AlignkitError(f"train.mixed_precision={precision} needs a GPU; use no (fp32) on CPU.")
+    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+
+
+def split_eval(rows: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    if fraction <= 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(rows) * fraction))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def make_optimizer(model: Any, cfg: TrainConfig, steps: int) -> tuple[Any, Any]:
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup_steps or round(cfg.warmup_ratio * steps)
+    name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
+    return optimizer, get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=steps
+    )
+
+
+@dataclass
+class StageData:
+    tokenizer: Any
+    template: ChatTemplate
+    kind: str
+    train_rows: list[Any]
+    eval_rows: list[Any]
+
+
+def load_stage_data(
+    recipe: Recipe, kinds: tuple[str, ...], console: Console, verbose: bool
+) -> StageData:
+    """Tokenizer, template and tokenized train/eval rows of one of `kinds`, reported."""
+    tokenizer = load_tokenizer(recipe.model)
+    template = resolve_template(recipe.model.chat_template, tokenizer)
+    examples, reports = load_mixture(recipe.data.sources, recipe.data.strict, recipe.data.seed)
+    kind = reports[0].kind
+    if kind not in kinds:
+        raise AlignkitError(
+            f"This stage trains on {' or '.join(kinds)} data; {reports[0].path} holds {kind} "
+            "data. Check data.sources (alignkit data inspect shows what a file holds)."
+        )
+    tokenized, report = tokenize_examples(examples, tokenizer, template, recipe.data)
+    eval_report = None
+    if recipe.data.eval_sources:  # separate eval data replaces the held-out fraction
+        held_out, _ = load_mixture(recipe.data.eval_sources, recipe.data.strict, recipe.data.seed)
+        eval_rows, eval_report = tokenize_examples(held_out, tokenizer, template, recipe.data)
+        train_rows = tokenized
+    else:
+        train_rows, eval_rows = split_eval(tokenized, recipe.train.eval_fraction, recipe.train.seed)
+    if verbose:
+        console.print(dump_yaml(recipe), highlight=False)
+        for r in reports:
+            skipped = f", skipped {dict(r.skipped)}" if r.skipped else ""
+            console.print(f"data {r.path}: {r.format}, {r.rows} rows, {r.used} used{skipped}")
+        if eval_report is not None:
+            console.print(f"eval data: {eval_report.summary()}")
+        console.print(
+            f"tokenized: {report.summary()}; {len(train_rows)} train rows, {len(eval_rows)} eval"
+        )
+    return StageData(tokenizer, template, kind, train_rows, eval_rows)
+
+
+def load_trainable(recipe: Recipe) -> Any:
+    model = load_model(recipe.model, recipe.lora, trainable=True)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@dataclass(kw_only=True)
+class StageRun:
+    """One training stage between setup and save."""
+
+    command: str
+    recipe: Recipe
+    accelerator: Any
+    out: Path
+    resume_from: Path | None
+    data: StageData
+    model: Any
+    console: Console
+
+    @property
+    def verbose(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def prepare_stage(
+    recipe: Recipe, command: str, kinds: tuple[str, ...], console: Console | None = None
+) -> StageRun:
+    """Accelerator, output dir, seed, tokenized data and the trainable model."""
+    console = console or Console()
+    accelerator = make_accelerator(recipe.train, resolve_device(recipe.model.device))
+    out, resume_from = prepare_output_dir(recipe.train, command)
+    accelerator.wait_for_everyone()  # every rank has checked the dir before rank 0 writes to it
+    torch.manual_seed(recipe.train.seed)
+    data = load_stage_data(recipe, kinds, console, accelerator.is_main_process)
+    return StageRun(
+        command=command,
+        recipe=recipe,
+        accelerator=accelerator,
+        out=out,
+        resume_from=resume_from,
+        data=data,
+        model=load_trainable(recipe),
+        console=console,
+    )
+
+
+def prepare_optimizer(run: StageRun, n_rows: int) -> tuple[Any, Any]:
+    """Optimizer and schedule for `n_rows` training rows; the model is prepared with them."""
+    cfg, acc = run.recipe.train, run.accelerator
+    optimizer, scheduler = make_optimizer(
+        run.model, cfg, total_steps(n_rows, cfg, acc.num_processes)
+    )
+    run.model, optimizer = acc.prepare(run.model, optimizer)
+    return optimizer, scheduler
+
+
+def train_and_save(
+    run: StageRun,
+    *,
+    rows: list[Any],
+    make_batch: Callable[[list[Any]], Any],
+    loss_sums: LossFn,
+    make_eval_batch: Callable[[list[Any]], Any],
+    optimizer: Any,
+    scheduler: Any,
+    curves: list[list[str]],
+) -> TrainState:
+    """The loop, then the final weights, run info and curves."""
+    parts = LoopParts(
+        accelerator=run.accelerator,
+        model=run.model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        rows=rows,
+        make_batch=make_batch,
+        loss_sums=loss_sums,
+        eval_rows=run.data.eval_rows,
+        make_eval_batch=make_eval_batch,
+        cfg=run.recipe.train,
+        output_dir=run.out,
+    )
+    if run.resume_from is not None and run.verbose:
+        run.console.print(f"resuming from {run.resume_from}")
+    state = run_loop(parts, run.resume_from)
+    finish(run, state, curves)
+    return state
+
+
+def run_info(run: StageRun, state: TrainState) -> dict[str, Any]:
+    """What the model card reports about a run: stage, sizes, time and hardware."""
+    import transformers
+
+    from alignkit import __version__
+
+    device = run.accelerator.device
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return {
+        "stage": run.command,
+        "train_rows": len(run.data.train_rows),
+        "eval_rows": len(run.data.eval_rows),
+        "data_kind": run.data.kind,
+        "steps": state.step,
+        "epochs_started": state.epoch + 1,
+        "trained_tokens": state.trained_tokens,
+        "train_seconds": round(state.train_seconds, 1),
+        "processes": run.accelerator.num_processes,
+        "device": device.type,
+        "hardware": hardware or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "versions": {
+            "alignkit": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+
+
+def save_outputs(run: StageRun, state_dict: dict[str, Any]) -> None:
+    """Final weights (adapter or full safetensors), tokenizer with the template used, config."""
+    model = run.accelerator.unwrap_model(run.model)
+    model.save_pretrained(run.out, state_dict=state_dict, safe_serialization=True)
+    run.data.tokenizer.chat_template = run.data.template.source
+    run.data.tokenizer.save_pretrained(run.out)
+    save_recipe(run.recipe, run.out)
+
+
+def finish(run: StageRun, state: TrainState, curves: list[list[str]]) -> None:
+    """Save weights, tokenizer, recipe and run info, and plot the curves (main process)."""
+    acc, out = run.accelerator, run.out
+    state_dict = acc.get_state_dict(run.model)  # on every rank: gathers FSDP / ZeRO-3 shards
+    if acc.is_main_process:
+        save_outputs(run, state_dict)
+        rundir.write_json(out / rundir.RUN_INFO, run_info(run, state))
+        metrics = rundir.read_metrics(out / rundir.METRICS)
+        plot_curves(metrics, curves, out / rundir.CURVES)
+        run.console.print(f"saved to {out}")
+    acc.wait_for_everyone()

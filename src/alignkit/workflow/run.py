@@ -1,0 +1,173 @@
+"""`alignkit run`: carry out a planned workflow's stages in order, in one run dir.
+
+Each stage writes to `<run dir>/<id>` between a `started` and a `done` state record;
+`workflow.state` decides whether it is skipped, resumed or run again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from alignkit import rundir
+from alignkit.errors import AlignkitError
+from alignkit.workflow.plan import BASE, MODEL_MAKERS, TRAINING, PlannedStage, Workflow
+from alignkit.workflow.state import (
+    assign_fingerprints,
+    decide,
+    read_state,
+    set_aside,
+    stage_config,
+    write_state,
+)
+from alignkit.workflow.summary import write_summary
+
+# what the closing lines point a reader to: (label, stage kinds, file name)
+SHOWN = (
+    ("card", ("card",), rundir.CARD),
+    ("benchmark table", ("eval",), rundir.TABLE),
+    ("benchmark chart", ("eval",), rundir.CHART),
+    ("training curves", TRAINING, rundir.CURVES),
+)
+
+
+def default_run_dir(workflow: Workflow) -> Path:
+    return rundir.default_dir(workflow.name)
+
+
+def model_path(run_dir: Path, workflow: Workflow, ref: str) -> str:
+    return workflow.base_model if ref == BASE else str(run_dir / ref)
+
+
+def eval_specs(stage: PlannedStage, run_dir: Path, workflow: Workflow) -> list[str]:
+    """The model specs an eval stage evaluates, in its order."""
+    return [model_path(run_dir, workflow, m) for m in stage.settings["models"]]
+
+
+def run_training(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bool) -> None:
+    recipe = stage.recipe
+    recipe.model.name_or_path = model_path(run_dir, workflow, stage.input or BASE)
+    recipe.train.output_dir, recipe.train.overwrite = str(run_dir / stage.id), True
+    recipe.train.resume = "auto" if resume else "no"
+    if stage.kind == "sft":
+        from alignkit.train.sft import train_sft
+
+        train_sft(recipe)
+    else:
+        from alignkit.train.pref import train_pref
+
+        train_pref(recipe)
+
+
+def run_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bool) -> None:
+    """Carry out one stage into run_dir/<id>."""
+    out = run_dir / stage.id
+    if stage.kind in TRAINING:
+        run_training(stage, run_dir, workflow, resume)
+    elif stage.kind == "merge":
+        from alignkit.merge import merge_adapter
+
+        merge_adapter(str(run_dir / stage.input), out, stage.settings.get("dtype", "auto"), True)
+    elif stage.kind == "eval":
+        from alignkit.eval.run import evaluate_models
+
+        stage.recipe.eval.output_dir, stage.recipe.eval.overwrite = str(out), True
+        evaluate_models(eval_specs(stage, run_dir, workflow), stage.recipe)
+    else:
+        write_card_stage(stage, run_dir, workflow)
+
+
+def write_card_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow) -> None:
+    """The card of the latest model, with every earlier eval stage's results in its order."""
+    from alignkit.card import write_card
+    from alignkit.eval.run import unique_labels
+
+    before = workflow.stages[: workflow.stages.index(stage)]
+    runs = [run_dir / s.id for s in before if s.kind in MODEL_MAKERS]
+    results = [
+        run_dir / s.id / label / rundir.RESULTS
+        for s in before
+        if s.kind == "eval"
+        for label in unique_labels(eval_specs(s, run_dir, workflow))
+    ]
+    out = run_dir / stage.id / rundir.CARD
+    write_card(runs, results, out, stage.settings.get("name") or workflow.name, True)
+
+
+def select(stages: list[PlannedStage], start: str | None, until: str | None) -> tuple[int, int]:
+    ids = [s.id for s in stages]
+    for value in (start, until):
+        if value is not None and value not in ids:
+            raise AlignkitError(f"No stage '{value}' in this recipe; stages: {', '.join(ids)}.")
+    first = ids.index(start) if start else 0
+    last = ids.index(until) if until else len(ids) - 1
+    return first, last
+
+
+def execute(
+    stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bool, carried: float
+) -> None:
+    """Run one stage between its `started` and `done` records; `carried` = seconds spent
+    by earlier, interrupted attempts."""
+    write_state(run_dir, stage, status="started", config=stage_config(stage), seconds=carried)
+    started = time.perf_counter()
+    run_stage(stage, run_dir, workflow, resume)
+    seconds = round(time.perf_counter() - started + carried, 1)
+    write_state(run_dir, stage, status="done", config=stage_config(stage), seconds=seconds)
+
+
+def rerun_reason(start: str | None, first_of_selection: bool, rerun_from: str | None) -> str:
+    if start and first_of_selection:
+        return "rerun asked for (--from)"
+    return "an earlier stage reran" if rerun_from else "settings or inputs changed"
+
+
+def run_workflow(
+    workflow: Workflow,
+    run_dir: Path,
+    start: str | None = None,
+    until: str | None = None,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Run (or skip, or resume) the stages; write summary.md; return the run dir."""
+    assign_fingerprints(workflow)
+    first, last = select(workflow.stages, start, until)
+    rundir.write_text(run_dir / rundir.RECIPE, workflow.path.read_text(encoding="utf-8"))
+    rerun_from = None
+    for index, stage in enumerate(workflow.stages[: last + 1]):
+        if index < first:
+            if read_state(run_dir, stage).get("status") != "done":
+                raise AlignkitError(f"--from {start}: earlier stage '{stage.id}' has not finished.")
+            continue
+        forced = rerun_from is not None or (start is not None and index == first)
+        state = read_state(run_dir, stage)
+        action = decide(state, run_dir, stage, forced)
+        if action == "skip":
+            say(f"== {stage.id} ({stage.kind}): unchanged and complete, skipped")
+            continue
+        reason = rerun_reason(start, index == first, rerun_from)
+        rerun_from = rerun_from or stage.id
+        if action == "run" and (moved := set_aside(run_dir, stage)):
+            say(f"== {stage.id}: {reason}; earlier output moved to {moved}")
+        resume = action == "resume"
+        doing = "resuming from its checkpoint" if resume else "running"
+        say(f"== {stage.id} ({stage.kind}): {doing}")
+        execute(stage, run_dir, workflow, resume, state.get("seconds", 0.0) if resume else 0.0)
+    say_outputs(workflow, run_dir, write_summary(workflow, run_dir), say)
+    return run_dir
+
+
+def say_outputs(
+    workflow: Workflow, run_dir: Path, summary: Path, say: Callable[[str], None]
+) -> None:
+    """Where the summary, card, tables and plots of the run are."""
+    say(f"\nsummary: {summary}")
+    for label, kinds, name in SHOWN:
+        found = [
+            str(run_dir / st.id / name)
+            for st in workflow.stages
+            if st.kind in kinds and (run_dir / st.id / name).is_file()
+        ]
+        if found:
+            say(f"{label}: {', '.join(found)}")

@@ -1,0 +1,111 @@
+"""What a workflow run dir remembers of each stage, and what to do with it next.
+
+Each stage records its fingerprint (resolved config plus inputs) in
+`<run dir>/.state/<id>.json`: a finished stage with the same fingerprint is skipped, an
+unfinished one resumes from its checkpoint, and a changed one runs again (its old
+output moved to `.previous/`), as does everything after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from alignkit import rundir
+from alignkit.config import to_dict
+from alignkit.workflow.plan import BASE, TRAINING, PlannedStage, Workflow
+
+SECTIONS = {  # the recipe sections a stage's fingerprint covers
+    "sft": ("model", "lora", "data", "train"),
+    "pref": ("model", "lora", "data", "train", "pref"),
+    "merge": (),
+    "eval": ("model", "eval"),
+    "card": (),
+}
+RUNNER_KEYS = {"train": ("output_dir", "overwrite", "resume"), "eval": ("output_dir", "overwrite")}
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+
+
+def stage_config(stage: PlannedStage) -> dict[str, Any]:
+    """What defines a stage's result: its kind, relevant sections and settings."""
+    full = to_dict(stage.recipe)
+    config = {section: full[section] for section in SECTIONS[stage.kind]}
+    for section, keys in RUNNER_KEYS.items():
+        for key in keys:
+            config.get(section, {}).pop(key, None)
+    if "model" in config:
+        config["model"].pop("name_or_path", None)
+    return {"kind": stage.kind, "config": config, "settings": stage.settings}
+
+
+def fingerprint(stage: PlannedStage, inputs: list[str]) -> str:
+    """Hash of the stage config, its inputs' fingerprints and local data files' contents."""
+    data = stage.recipe.data
+    files = {s.path: file_digest(s.path) for s in data.sources + data.eval_sources}
+    payload = {
+        **stage_config(stage),
+        "inputs": inputs,
+        "data_files": files if stage.kind in TRAINING else {},
+    }
+    return short_hash(json.dumps(payload, sort_keys=True, default=str))
+
+
+def assign_fingerprints(workflow: Workflow) -> None:
+    prints = {BASE: short_hash(workflow.base_model)}
+    for index, stage in enumerate(workflow.stages):
+        if stage.kind == "eval":
+            inputs = [prints[m] for m in stage.settings["models"]]
+        elif stage.kind == "card":
+            inputs = [prints[s.id] for s in workflow.stages[:index]]
+        else:
+            inputs = [prints[stage.input or BASE]]
+        stage.fingerprint = fingerprint(stage, inputs)
+        prints[stage.id] = stage.fingerprint
+
+
+def read_state(run_dir: Path, stage: PlannedStage) -> dict[str, Any]:
+    path = rundir.state_file(run_dir, stage.id)
+    return rundir.read_json(path) if path.is_file() else {}
+
+
+def write_state(run_dir: Path, stage: PlannedStage, **fields: Any) -> None:
+    record = {"fingerprint": stage.fingerprint, **fields}
+    rundir.write_json(rundir.state_file(run_dir, stage.id), record)
+
+
+def decide(state: dict[str, Any], run_dir: Path, stage: PlannedStage, forced: bool) -> str:
+    """skip (done, unchanged), resume (started, unchanged), or run, given the stage's state."""
+    same = state.get("fingerprint") == stage.fingerprint and not forced
+    if same and state.get("status") == "done" and (run_dir / stage.id).is_dir():
+        return "skip"
+    if same and state.get("status") == "started" and stage.kind in TRAINING:
+        return "resume"
+    return "run"
+
+
+def set_aside(run_dir: Path, stage: PlannedStage) -> Path | None:
+    """Move a stage's earlier output out of the way (kept under .previous/)."""
+    out = run_dir / stage.id
+    if not out.exists():
+        return None
+    stem = run_dir / rundir.PREVIOUS / f"{stage.id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = stem, 1
+    while target.exists():  # two set-asides within one second
+        n += 1
+        target = stem.with_name(f"{stem.name}-{n}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    out.rename(target)
+    return target

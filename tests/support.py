@@ -1,0 +1,81 @@
+"""Helpers the tests share (plain functions; the fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+TRAIN = SHARED / "train"
+
+
+def make_tiny_llama(tokenizer, path: Path, seed: int = 0, init_std: float = 0.02) -> Path:
+    """A 2-layer, width-32 Llama with the SmolLM2 vocabulary, saved with its tokenizer.
+
+    A larger `init_std` gives sharper, prompt-dependent greedy outputs (the default
+    model repeats one token whatever the prompt)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=init_std,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def check_resume(train, make_recipe, tmp_path: Path, monkeypatch, weights: str) -> None:
+    """A run killed after its second checkpoint and resumed logs the same losses and ends
+    with the same weights as an uninterrupted run (make_recipe: 6 steps, save every 2)."""
+    import torch
+    from safetensors.torch import load_file
+
+    import alignkit.train.loop as loop
+    from alignkit.rundir import read_metrics
+
+    full = train(make_recipe(tmp_path / "a"))
+    expected = [r["loss"] for r in read_metrics(full / "metrics.jsonl") if "loss" in r]
+    original = loop.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_second_save(*args, **kwargs):
+        path = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_second_save)
+    r = make_recipe(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        train(r)
+    monkeypatch.setattr(loop, "save_checkpoint", original)
+    r.train.resume = "auto"
+    resumed = train(r)
+    got = [x["loss"] for x in read_metrics(resumed / "metrics.jsonl") if "loss" in x]
+    assert len(got) == 6
+    assert got == pytest.approx(expected, abs=1e-6)
+    a, b = load_file(full / weights), load_file(resumed / weights)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]

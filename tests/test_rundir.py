@@ -1,0 +1,84 @@
+"""The run directory's one writer and its readers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignkit import rundir
+from alignkit.errors import AlignkitError
+
+
+def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = rundir.write_text(tmp_path / "a.txt", "old")
+    with pytest.raises(RuntimeError), rundir.atomic_file(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary left behind
+
+
+def test_atomic_dir_replaces_a_whole_directory(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.bin").write_text("from an earlier run")
+    with rundir.atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["weights"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_dir_failure_leaves_the_old_directory(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    with pytest.raises(OSError), rundir.atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("half")
+        raise OSError("disk full")
+    assert (out / "weights").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_dir_keep_leaves_what_another_process_made(tmp_path):
+    out = tmp_path / "cache"
+    with rundir.atomic_dir(out, existing="keep") as tmp:
+        (tmp / "config.json").write_text("mine")
+        out.mkdir()  # another process finished first
+        (out / "config.json").write_text("theirs")
+    assert (out / "config.json").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+def test_checkpoints_list_complete_ones_in_step_order(tmp_path):
+    for step in (10, 2, 4):
+        path = rundir.checkpoint_dir(tmp_path, step)
+        path.mkdir()
+        (path / rundir.CHECKPOINT_STATE).write_text("{}")
+    rundir.checkpoint_dir(tmp_path, 12).mkdir()  # no state.json: incomplete
+    assert [rundir.checkpoint_step(p) for p in rundir.checkpoints(tmp_path)] == [2, 4, 10]
+
+
+def test_metric_readers(tmp_path):
+    records = [{"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 2.5}, {"step": 3, "loss": 1.0}]
+    path = tmp_path / rundir.METRICS
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
+    assert rundir.read_metrics(path) == records
+    assert rundir.read_metrics(tmp_path / "missing.jsonl") == []
+    assert rundir.metric_values(records, "loss") == [3.0, 1.0]
+    assert rundir.last_value(records, "loss") == 1.0
+    assert rundir.last_value(records, "lr") is None
+    assert rundir.first_last(records, "eval_loss") == (2.5, 2.5)
+    assert rundir.first_last(records, "lr") is None
+
+
+def test_load_results_accepts_files_model_dirs_and_eval_dirs(tmp_path):
+    for name in ("base", "tuned"):
+        rundir.write_json(tmp_path / name / rundir.RESULTS, {"model": name, "summary": {}})
+    assert [r["model"] for r in rundir.load_results([tmp_path])] == ["base", "tuned"]
+    assert [r["model"] for r in rundir.load_results([tmp_path / "tuned"])] == ["tuned"]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(AlignkitError, match="not an alignkit eval results.json"):
+        rundir.load_results([tmp_path / "bad.json"])
+    with pytest.raises(AlignkitError, match="No eval results"):
+        rundir.load_results([tmp_path / "nothing"])
