@@ -82,3 +82,44 @@ def test_load_results_accepts_files_model_dirs_and_eval_dirs(tmp_path):
         rundir.load_results([tmp_path / "bad.json"])
     with pytest.raises(AlignkitError, match="No eval results"):
         rundir.load_results([tmp_path / "nothing"])
+
+
+def test_written_files_and_dirs_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        file = rundir.write_json(tmp_path / "results.json", {"a": 1})
+        with rundir.atomic_dir(tmp_path / "merged") as tmp:
+            (tmp / "weights").write_text("w")
+    finally:
+        os.umask(mask)
+    assert file.stat().st_mode & 0o777 == 0o644  # not tempfile's 0600
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755  # not 0700
+
+
+def test_a_replacing_write_clears_what_a_killed_write_left(tmp_path):
+    out = tmp_path / "merged"
+    (tmp_path / ".tmp-merged.abc123").mkdir()  # a write killed mid-way
+    (tmp_path / ".old-merged.def456").mkdir()  # killed between the two renames
+    (tmp_path / ".tmp-merged-other.x").mkdir()  # another output: kept
+    with rundir.atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("w")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-merged-other.x", "merged"]
+
+
+def test_a_failed_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    real_rename = type(out).rename
+
+    def failing(self, target):
+        if str(self.name).startswith(".tmp-"):
+            raise OSError("rename failed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(out), "rename", failing)
+    with pytest.raises(OSError), rundir.atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "old"

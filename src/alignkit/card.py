@@ -242,7 +242,7 @@ def write_card(
     overwrite: bool = False,
 ) -> Path:
     stages = [load_record(p) for p in distinct_stages(run_dirs)]
-    results = rundir.load_results(eval_paths)
+    results = rundir.load_results(eval_paths, expand=False)  # one model each, in the given order
     model_dir = run_dirs[-1]
     out = out or model_dir / rundir.CARD
     writable_card(out, overwrite)

@@ -39,7 +39,8 @@ CARD = "README.md"
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
-CHECKPOINT_RNG = "rng.pt"
+CHECKPOINT_RNG_STATE = "rng.json"
+CHECKPOINT_RNG_TENSORS = "rng.safetensors"
 CHECKPOINT_STATE = "state.json"
 
 # eval outputs
@@ -84,6 +85,38 @@ def state_file(run_dir: Path, stage_id: str) -> Path:
 # ---------------------------------------------------------------- atomic writes
 
 
+def _process_umask() -> int:
+    """The umask, read where the kernel shows it (setting it to read it would race threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it, once, at import
+    os.umask(mask)
+    return mask
+
+
+UMASK = _process_umask()
+
+
+def _default_mode(directory: bool) -> int:
+    """The mode a plain open() or mkdir() would give: tempfile's 0600 / 0700, which keep
+    other users out, would otherwise travel to the final file."""
+    return (0o777 if directory else 0o666) & ~UMASK
+
+
+def remove_temporaries(directory: Path, name: str) -> None:
+    """Delete what writes of `name*` left behind in `directory` when a process died
+    mid-write (only for outputs one process writes at a time)."""
+    for stale in (*directory.glob(f".tmp-{name}*"), *directory.glob(f".old-{name}*")):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def _temporary_sibling(path: Path, directory: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     make = tempfile.mkdtemp if directory else tempfile.mkstemp
@@ -91,6 +124,7 @@ def _temporary_sibling(path: Path, directory: bool) -> Path:
     if isinstance(made, tuple):  # mkstemp: (fd, name)
         os.close(made[0])
         made = made[1]
+    os.chmod(made, _default_mode(directory))
     return Path(made)
 
 
@@ -109,21 +143,35 @@ def atomic_file(path: Path) -> Iterator[Path]:
 def atomic_dir(path: Path, existing: Literal["replace", "keep"] = "replace") -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it becomes `path`.
 
-    An existing `path` is replaced (moved aside first, removed after the rename), or with
-    `existing="keep"` kept, the new one discarded (another process made the same thing).
+    An existing `path` is replaced: moved aside, the new one renamed in, the old one then
+    removed (a crash between the two renames leaves the old one as `.old-<name>.*`, which
+    the next replacing write removes), or with `existing="keep"` kept, the new one
+    discarded (another process made the same thing first). Replacing writes clear what
+    an earlier, killed write of the same path left behind.
     """
+    if existing == "replace" and path.parent.is_dir():
+        remove_temporaries(path.parent, f"{path.name}.")
     tmp = _temporary_sibling(path, directory=True)
     try:
         yield tmp
         if existing == "keep":
             _rename_unless_there(tmp, path)
             return
-        old = _move_aside(path)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    old = _move_aside(path)
+    try:
+        tmp.rename(path)
+    except OSError:
+        if old is not None:
+            old.rename(path)  # put the old one back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _rename_unless_there(tmp: Path, path: Path) -> None:
@@ -188,15 +236,16 @@ def first_last(records: list[dict[str, float]], key: str) -> tuple[float, float]
 # ---------------------------------------------------------------- eval results
 
 
-def results_files(paths: list[Path]) -> list[Path]:
-    """results.json files: a file as given, a dir's own, or those of its model subdirs."""
+def results_files(paths: list[Path], expand: bool = True) -> list[Path]:
+    """results.json files: a file as given, a dir's own, or (with `expand`) those of its
+    model subdirs, in name order."""
     found: list[Path] = []
     for path in paths:
         if path.is_file():
             found.append(path)
         elif (path / RESULTS).is_file():
             found.append(path / RESULTS)
-        elif path.is_dir() and (subs := sorted(path.glob(f"*/{RESULTS}"))):
+        elif expand and path.is_dir() and (subs := sorted(path.glob(f"*/{RESULTS}"))):
             found.extend(subs)
         else:
             raise AlignkitError(
@@ -206,10 +255,10 @@ def results_files(paths: list[Path]) -> list[Path]:
     return found
 
 
-def load_results(paths: list[Path]) -> list[dict[str, Any]]:
+def load_results(paths: list[Path], expand: bool = True) -> list[dict[str, Any]]:
     """The `alignkit eval` results behind `paths` (see `results_files`), checked."""
     results = []
-    for file in results_files(paths):
+    for file in results_files(paths, expand):
         try:
             data = read_json(file)
         except json.JSONDecodeError as exc:

@@ -20,7 +20,15 @@ HFLM_METHODS = {
     "_model_generate": ["self", "context", "max_length", "stop", "generation_kwargs"],
     "generate_until": ["self", "requests", "disable_tqdm"],
 }
-HFLM_ATTRIBUTES = ("batch_size_per_gpu", "backend", "max_length", "cache_hook", "rank")
+HFLM_ATTRIBUTES = (
+    "batch_size_per_gpu",
+    "batch_size",
+    "backend",
+    "max_length",
+    "cache_hook",
+    "rank",
+    "model",
+)
 # the transformers cache-layer methods GrowingLayer overrides
 CACHE_LAYER_METHODS = {
     "update": ["self", "key_states", "value_states", "args", "kwargs"],

@@ -11,9 +11,7 @@ from alignkit.eval.tables import comparison_table
 
 def plot_comparison(results: list[dict[str, Any]], path: Path) -> Path:
     """Grouped bars: one group per benchmark row, one bar per model, values in %."""
-    import matplotlib.pyplot as plt
-
-    from alignkit.plots import save_figure
+    from alignkit.plots import plt, save_figure  # plots selects the Agg backend first
 
     rows: dict[str, str] = {}
     for r in results:

@@ -14,34 +14,22 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
 
 from alignkit import rundir
 from alignkit.config import TrainConfig
 from alignkit.errors import AlignkitError
+from alignkit.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
 LossFn = Callable[[Any, Any], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 0
-    micro_batch: int = 0
-    trained_tokens: int = 0
-    train_seconds: float = 0.0  # summed over resumed invocations
 
 
 def micro_batches_per_epoch(n_rows: int, cfg: TrainConfig, world: int) -> int:
@@ -86,65 +74,6 @@ def next_positions(
         epoch, micro = epoch + 1, 0
     stop = min(per_epoch, micro + cfg.gradient_accumulation_steps)
     return [(epoch, m) for m in range(micro, stop)]
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    return {
-        n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
-    }
-
-
-def save_checkpoint(
-    directory: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState, keep: int
-) -> Path:
-    """Write checkpoint-{step} atomically (temporary dir, then rename); keep the last `keep`."""
-    final = rundir.checkpoint_dir(directory, state.step)
-    with rundir.atomic_dir(final) as tmp:
-        save_file(trainable_state(model), tmp / rundir.CHECKPOINT_WEIGHTS)
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-            tmp / rundir.CHECKPOINT_OPTIMIZER,
-        )
-        torch.save(_rng_state(), tmp / rundir.CHECKPOINT_RNG)
-        (tmp / rundir.CHECKPOINT_STATE).write_text(json.dumps(asdict(state)))
-    for old in rundir.checkpoints(directory)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
-    weights = load_file(path / rundir.CHECKPOINT_WEIGHTS)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    states = torch.load(path / rundir.CHECKPOINT_OPTIMIZER, weights_only=False)
-    optimizer.load_state_dict(states["optimizer"])
-    scheduler.load_state_dict(states["scheduler"])
-    _set_rng_state(torch.load(path / rundir.CHECKPOINT_RNG, weights_only=False))
-    return TrainState(**rundir.read_json(path / rundir.CHECKPOINT_STATE))
 
 
 # ---------------------------------------------------------------- logging

@@ -233,11 +233,13 @@ def train_pref(recipe: Recipe, console: Console | None = None) -> Path:
     ref_model = prepare_reference(run) if needs_reference(names) else None
     make_batch = pref_batcher(run, feedback)
     optimizer, scheduler = prepare_optimizer(run, len(run.data.train_rows))
+    # after prepare_optimizer: the reference is scored through the prepared model
+    loss_sums = pref_loss_sums(run, names, weights, ref_model)
     train_and_save(
         run,
         rows=run.data.train_rows,
         make_batch=make_batch,
-        loss_sums=pref_loss_sums(run, names, weights, ref_model),
+        loss_sums=loss_sums,
         make_eval_batch=make_batch,
         optimizer=optimizer,
         scheduler=scheduler,

@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from alignkit.config import Recipe, TrainConfig
+from alignkit.config.check import check
 from alignkit.data.batching import Batch, flat_batch, pack_rows, packed_batch, pad_batch
 from alignkit.train.logps import token_logps
 from alignkit.train.stage import prepare_optimizer, prepare_stage, train_and_save
@@ -39,6 +40,7 @@ def sft_batcher(cfg: TrainConfig, pad_id: int) -> Callable[[list[Any]], Batch]:
 
 
 def train_sft(recipe: Recipe, console: Console | None = None) -> Path:
+    check(recipe, "sft")
     run = prepare_stage(recipe, "sft", ("sft",), console)
     cfg, pad_id = recipe.train, run.data.tokenizer.pad_token_id
     rows = run.data.train_rows

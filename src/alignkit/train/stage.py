@@ -1,8 +1,9 @@
 """What every training stage shares: its lifecycle around the loop.
 
 A stage (SFT, preference) reads top to bottom: `prepare_stage` (accelerator, output
-dir, seed, data, trainable model), then its own batching, loss and reference, then
-`train_and_save` (optimizer, loop, final weights, run info, curves).
+dir, seed, data, trainable model), its own batching and reference, `prepare_optimizer`
+(optimizer and schedule; the model is prepared by Accelerate), its loss, then
+`train_and_save` (loop, final weights, run info, curves).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from alignkit.data.tokenize import tokenize_examples
 from alignkit.errors import AlignkitError
 from alignkit.models import load_model, load_tokenizer, resolve_device
 from alignkit.plots import plot_curves
-from alignkit.train.loop import LoopParts, LossFn, TrainState, run_loop, total_steps
+from alignkit.train.checkpoint import TrainState
+from alignkit.train.loop import LoopParts, LossFn, run_loop, total_steps
 
 
 def prepare_output_dir(cfg: TrainConfig, command: str) -> tuple[Path, Path | None]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import Recipe, parse_overrides, read_yaml, resolve_recipe
+from alignkit.config import Recipe, check_keys, parse_overrides, read_yaml, resolve_recipe
 from alignkit.errors import AlignkitError
 
 KINDS = ("sft", "pref", "merge", "eval", "card")
@@ -114,6 +114,7 @@ def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workf
         raise AlignkitError(f"{where}: a workflow recipe needs a non-empty `stages` list.")
     for i, item in enumerate(raw):
         check_stage_item(item, i, where)
+    check_keys(data, Recipe, where=where)
     ids = stage_ids(raw)
     common, per_stage = split_overrides(overrides or [], ids)
     base = resolve_recipe([data], common, where=where).model.name_or_path
