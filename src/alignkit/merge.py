@@ -26,9 +26,12 @@ def check_merge_paths(adapter_dir: str, out: Path, overwrite: bool) -> str:
             f"'{adapter_dir}' holds no adapter_config.json: it is not a LoRA adapter dir, so "
             "there is nothing to merge (a full-weight run's output is already a plain model)."
         )
+    inputs = [Path(p) for p in (adapter_dir, resolved.path) if Path(p).exists()]
+    rundir.check_output_dir(out, inputs)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise AlignkitError(
-            f"Output directory '{out}' is not empty. Pass --overwrite or choose another --out."
+            f"Output directory '{out}' is not empty. Pass --overwrite (its contents move to "
+            ".previous/ beside it) or choose another --out."
         )
     return resolved.path
 
@@ -42,7 +45,7 @@ def merge_adapter(
     model = load_model(cfg).merge_and_unload()
     target = resolve_dtype(dtype, model.device) if dtype != "auto" else _saved_dtype(base)
     model = model.to(target)
-    with rundir.atomic_dir(out) as tmp:
+    with rundir.atomic_dir(out, existing="aside") as tmp:  # an old --out is kept, not deleted
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(cfg).save_pretrained(tmp)
         for name in rundir.TRAINING_RECORD:  # the training record travels with the weights

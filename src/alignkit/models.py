@@ -97,15 +97,35 @@ def resolve(name: str) -> ResolvedModel:
     if path.is_dir():
         adapter_cfg = path / "adapter_config.json"
         if adapter_cfg.is_file():
-            base = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+            base = adapter_base(adapter_cfg)
             has_tok = (path / "tokenizer_config.json").is_file()
             return ResolvedModel(resolve(base).path, str(path), str(path) if has_tok else None)
+        if not any(path.iterdir()):
+            raise AlignkitError(f"Model directory '{name}' is empty; pass a model directory.")
         return ResolvedModel(str(path))
     if path.exists():
         raise AlignkitError(
             f"'{name}' is a file but not a .gguf model; pass a directory or hub id."
         )
     return ResolvedModel(name)
+
+
+def adapter_base(config: Path) -> str:
+    """The base model an adapter dir names in its adapter_config.json."""
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AlignkitError(
+            f"'{config}' is not valid JSON ({exc}); the adapter dir is damaged. Save the adapter "
+            "again (alignkit sft/pref write it)."
+        ) from None
+    base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    if not isinstance(base, str) or not base:
+        raise AlignkitError(
+            f"'{config}' has no base_model_name_or_path, so its base model is unknown. Add "
+            "the base model's hub id or path there."
+        )
+    return base
 
 
 def _offline_error(name: str, exc: Exception) -> AlignkitError:
@@ -121,8 +141,20 @@ def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
         return loader.from_pretrained(name, **kwargs)
     except OSError as exc:
         if Path(name).exists():
-            raise AlignkitError(f"Could not load '{name}': {exc}") from None
+            raise _damaged_error(name, exc) from None
         raise _offline_error(name, exc) from None
+    except Exception as exc:  # noqa: BLE001 - a local dir that fails to load is damaged
+        if Path(name).exists():
+            raise _damaged_error(name, exc) from None
+        raise
+
+
+def _damaged_error(name: str, exc: Exception) -> AlignkitError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return AlignkitError(
+        f"Could not load '{name}': its files are missing or damaged (a truncated "
+        f"model.safetensors, a broken tokenizer or config). Details: {first}"
+    )
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -196,7 +228,10 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: bool
     if resolved.adapter:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, resolved.adapter, is_trainable=trainable)
+        try:
+            return PeftModel.from_pretrained(model, resolved.adapter, is_trainable=trainable)
+        except Exception as exc:  # noqa: BLE001 - a local adapter dir that fails is damaged
+            raise _damaged_error(resolved.adapter, exc) from None
     if trainable and cfg.adapter in ("lora", "qlora"):
         return add_lora(model, lora or LoraConfig(), quantized=cfg.adapter == "qlora")
     return model

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,16 +141,19 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: Path, existing: Literal["replace", "keep"] = "replace") -> Iterator[Path]:
+def atomic_dir(
+    path: Path, existing: Literal["replace", "aside", "keep"] = "replace"
+) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it becomes `path`.
 
     An existing `path` is replaced: moved aside, the new one renamed in, the old one then
     removed (a crash between the two renames leaves the old one as `.old-<name>.*`, which
-    the next replacing write removes), or with `existing="keep"` kept, the new one
+    the next replacing write removes). With `existing="aside"` the old one is kept under
+    `.previous/` beside it instead; with `existing="keep"` it stays and the new one is
     discarded (another process made the same thing first). Replacing writes clear what
     an earlier, killed write of the same path left behind.
     """
-    if existing == "replace" and path.parent.is_dir():
+    if existing != "keep" and path.parent.is_dir():
         remove_temporaries(path.parent, f"{path.name}.")
     tmp = _temporary_sibling(path, directory=True)
     try:
@@ -157,12 +161,12 @@ def atomic_dir(path: Path, existing: Literal["replace", "keep"] = "replace") -> 
         if existing == "keep":
             _rename_unless_there(tmp, path)
             return
-        _replace_dir(tmp, path)
+        _replace_dir(tmp, path, keep_old=existing == "aside")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
+def _replace_dir(tmp: Path, path: Path, keep_old: bool) -> None:
     old = _move_aside(path)
     try:
         tmp.rename(path)
@@ -170,8 +174,78 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         if old is not None:
             old.rename(path)  # put the old one back
         raise
-    if old is not None:
+    if old is not None and keep_old:
+        old.rename(previous_path(path))
+    elif old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def previous_path(path: Path) -> Path:
+    """A free `.previous/<name>-<time>` beside `path`, where replaced outputs are kept."""
+    stem = path.parent / PREVIOUS / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = stem, 1
+    while target.exists():  # two set-asides within one second
+        n += 1
+        target = stem.with_name(f"{stem.name}-{n}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def set_aside(path: Path) -> Path | None:
+    """Move an earlier output out of the way, kept under `.previous/` beside it."""
+    if not path.exists():
+        return None
+    target = previous_path(path)
+    path.rename(target)
+    return target
+
+
+# ---------------------------------------------------------------- output checks
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_output_dir(out: Path, inputs: list[Path]) -> None:
+    """Before any work: `out` is (or can become) a writable directory holding no input."""
+    if out.exists() and not out.is_dir():
+        raise AlignkitError(
+            f"Output '{out}' is a file, not a directory. Choose another output directory."
+        )
+    for item in inputs:
+        resolved = item.resolve()
+        if resolved == out.resolve() or out.resolve() in resolved.parents:
+            raise AlignkitError(
+                f"Output directory '{out}' holds '{item}', an input of this command (model, "
+                "adapter or data); writing there could destroy it. Choose another output "
+                "directory."
+            )
+    base = _nearest_existing(out)
+    problem = _unwritable(base, probe=base != out.absolute())
+    if problem:
+        raise AlignkitError(
+            f"Cannot write the output directory '{out}': '{base}' is not writable "
+            f"({problem}). Choose another output directory."
+        )
+
+
+def _unwritable(directory: Path, probe: bool) -> str | None:
+    """Why files cannot be made in `directory` (None when they can). An existing output
+    dir is only inspected; an ancestor is probed with a directory made and removed."""
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "permission denied"
+    if probe:
+        try:
+            shutil.rmtree(tempfile.mkdtemp(prefix=".alignkit-write-test-", dir=directory))
+        except OSError as exc:
+            return exc.strerror
+    return None
 
 
 def _rename_unless_there(tmp: Path, path: Path) -> None:

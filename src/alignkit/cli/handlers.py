@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 from alignkit.config import DataSource, Recipe, load_recipe, parse_overrides
+from alignkit.config.check import check
 from alignkit.errors import AlignkitError
 
 
-def _recipe(args: argparse.Namespace, extra: list[str]) -> Recipe:
+def _recipe(args: argparse.Namespace, extra: list[str], command: str = "") -> Recipe:
     overrides = [(k, v) for k, v in vars(args).items() if "." in k and v is not None]
-    return load_recipe(args.config, overrides + parse_overrides(extra))
+    recipe = load_recipe(args.config, overrides + parse_overrides(extra))
+    check(recipe, command)
+    return recipe
 
 
 def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> None:

@@ -45,6 +45,13 @@ class Group:
     commands: tuple[Command, ...]
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port number."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number (1 to 65535)")
+    return int(text)
+
+
 def arg(*flags: str, **kwargs: Any) -> Arg:
     return Arg(flags, kwargs)
 

@@ -1,7 +1,7 @@
 """The rules a recipe must meet beyond its field types, gathered beside the schema.
 
-`check(recipe, command)` runs the rules of one command (sft, pref, eval; other commands
-have none) and raises an `AlignkitError` naming the key and what to do. Commands call
+`check(recipe, command)` runs the value ranges every command shares, then the rules
+of one command (sft, pref, eval; other commands have none of their own) and raises an `AlignkitError` naming the key and what to do. Commands call
 it before any work, and `alignkit run --dry-run` calls it for every stage, so a rule
 is written once. The loss registry (names, which take unpaired feedback) belongs to
 `losses.preference`; which combinations and values are allowed is decided here.
@@ -10,8 +10,11 @@ is written once. The loss registry (names, which take unpaired feedback) belongs
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
+from typing import Any
 
+from alignkit.config.load import leaf_fields
 from alignkit.config.schema import EvalConfig, PrefConfig, Recipe
 from alignkit.errors import AlignkitError
 
@@ -90,6 +93,106 @@ def check_eval(recipe: Recipe) -> None:
     check_eval_values(recipe.eval)
 
 
+# ---------------------------------------------------------------- value ranges
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v is None or v >= low), f"at least {low:g}"
+
+
+def _above(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v is None or v > low), f"above {low:g}"
+
+
+def _within(low: float, high: float, high_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+    if high_open:
+        return (lambda v: low <= v < high), f"in [{low:g}, {high:g})"
+    return (lambda v: low <= v <= high), f"in [{low:g}, {high:g}]"
+
+
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+# dotted key -> (test, what the value must be); the one table of numeric ranges
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lora.r": _at_least(1),
+    "lora.alpha": _above(0),
+    "lora.dropout": _within(0, 1, high_open=True),
+    "data.max_length": _at_least(2),
+    "data.max_prompt_length": _at_least(1),
+    "data.seed": _at_least(0),
+    "train.epochs": _at_least(0),
+    "train.max_steps": _at_least(0),
+    "train.micro_batch_size": _at_least(1),
+    "train.gradient_accumulation_steps": _at_least(1),
+    "train.learning_rate": _above(0),
+    "train.warmup_ratio": _within(0, 1),
+    "train.warmup_steps": _at_least(0),
+    "train.weight_decay": _at_least(0),
+    "train.max_grad_norm": _at_least(0),
+    "train.seed": _at_least(0),
+    "train.logps_chunk": _at_least(0),
+    "train.logging_steps": _at_least(1),
+    "train.eval_fraction": _within(0, 1, high_open=True),
+    "train.eval_steps": _at_least(0),
+    "train.save_steps": _at_least(0),
+    "train.save_total_limit": _at_least(0),
+    "pref.label_smoothing": _within(0, 1),
+    "pref.rpo_alpha": _at_least(0),
+    "pref.discopop_tau": _above(0),
+    "pref.cpo_alpha": _at_least(0),
+    "pref.desirable_weight": _at_least(0),
+    "pref.undesirable_weight": _at_least(0),
+    "generation.max_new_tokens": _at_least(1),
+    "generation.temperature": _at_least(0),
+    "generation.top_p": _within(0, 1),
+    "generation.top_k": _at_least(0),
+    "generation.repetition_penalty": _above(0),
+    "generation.seed": _at_least(0),
+    "eval.max_gen_toks": _at_least(1),
+}
+
+
+def value_of(recipe: Recipe, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(recipe, section), name)
+
+
+def check_ranges(recipe: Recipe) -> None:
+    """Every numeric option within its range, and settings that cannot train at all."""
+    for key, (ok, what) in RANGES.items():
+        value = value_of(recipe, key)
+        if not ok(value):
+            raise AlignkitError(f"{key} must be {what}; got {value}. {field_note(key)}")
+    for i, source in enumerate(recipe.data.sources + recipe.data.eval_sources):
+        if source.weight <= 0:
+            raise AlignkitError(
+                f"data source {i + 1} ('{source.path}'): weight must be above 0; got "
+                f"{source.weight}. Remove the source instead of giving it weight 0."
+            )
+    if recipe.train.max_steps == 0 and recipe.train.epochs == 0:
+        raise AlignkitError(
+            "train.epochs is 0 and train.max_steps is 0: nothing would be trained. "
+            "Set train.epochs to 1 or more, or train.max_steps."
+        )
+    if not DEVICE.match(recipe.model.device):
+        raise AlignkitError(
+            f"model.device must be auto, cpu, mps, cuda or cuda:N; got '{recipe.model.device}'."
+        )
+
+
+def field_note(key: str) -> str:
+    """The field's help, to say what the option is for."""
+    return f"({key}: {leaf_fields(Recipe)[key][1].metadata.get('help', '')})"
+
+
+def check_lengths(recipe: Recipe) -> None:
+    from alignkit.data.tokenize import check_prompt_limit
+
+    check_prompt_limit(recipe.data)
+
+
+COMMON = (check_ranges, check_lengths)
+
 RULES: dict[str, tuple[Callable[[Recipe], None], ...]] = {
     "pref": (check_pref,),
     "eval": (check_eval,),
@@ -97,6 +200,7 @@ RULES: dict[str, tuple[Callable[[Recipe], None], ...]] = {
 
 
 def check(recipe: Recipe, command: str) -> None:
-    """Raise on the first rule of `command` the recipe breaks."""
-    for rule in RULES.get(command, ()):
+    """Raise on the first rule the recipe breaks: the ranges every command shares, then
+    the rules of `command`."""
+    for rule in (*COMMON, *RULES.get(command, ())):
         rule(recipe)

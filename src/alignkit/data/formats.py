@@ -85,6 +85,33 @@ def _text(record: dict[str, Any], name: str) -> str:
     return value
 
 
+def _optional_text(record: dict[str, Any], name: str) -> str:
+    """A text field that may be absent or null (then empty)."""
+    value = record.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowProblem(f"field '{name}' must be a string, got {type(value).__name__}", field=name)
+    return value
+
+
+def _history(record: dict[str, Any]) -> list[Message]:
+    """Alpaca `history`: earlier [user, assistant] text pairs."""
+    turns = record.get("history") or []
+    ok = isinstance(turns, list) and all(
+        isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t)
+        for t in turns
+    )
+    if not ok:
+        raise RowProblem(
+            "field 'history' must be a list of [user text, assistant text] pairs", field="history"
+        )
+    messages: list[Message] = []
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages
+
+
 def _message(item: Any, field: str, role_key: str = "role", text_key: str = "content") -> Message:
     if not isinstance(item, dict) or role_key not in item or text_key not in item:
         raise RowProblem(
@@ -129,6 +156,13 @@ def _conversation(messages: list[Message], field: str) -> Conversation:
         raise RowProblem(f"the last message of '{field}' must be from the assistant", field=field)
     if not any(m["role"] == "user" for m in messages):
         raise RowProblem(f"'{field}' has no user message", field=field)
+    first = next(m for m in messages if m["role"] != "system")
+    if first["role"] != "user":
+        raise RowProblem(
+            f"'{field}' must begin with a user turn (after any system message), not an "
+            f"{first['role']} turn",
+            field=field,
+        )
     return Conversation(messages)
 
 
@@ -149,16 +183,12 @@ def _pair(prompt: list[Message], chosen: list[Message], rejected: list[Message])
 
 def from_alpaca(record: dict[str, Any]) -> Conversation:
     instruction = _text(record, "instruction")
-    extra = record.get("input") or ""
+    extra = _optional_text(record, "input")
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     messages: list[Message] = []
-    if (record.get("system") or "").strip():
-        messages.append({"role": "system", "content": record["system"]})
-    for turn in record.get("history") or []:
-        messages += [
-            {"role": "user", "content": turn[0]},
-            {"role": "assistant", "content": turn[1]},
-        ]
+    if (system := _optional_text(record, "system")).strip():
+        messages.append({"role": "system", "content": system})
+    messages += _history(record)
     messages += [
         {"role": "user", "content": user},
         {"role": "assistant", "content": _text(record, "output")},
@@ -168,6 +198,8 @@ def from_alpaca(record: dict[str, Any]) -> Conversation:
 
 def from_sharegpt(record: dict[str, Any]) -> Conversation:
     turns = _field(record, "conversations")
+    if not isinstance(turns, list):
+        raise RowProblem("field 'conversations' must be a list of messages", field="conversations")
     keys = (
         ("role", "content")
         if turns and isinstance(turns[0], dict) and "role" in turns[0]
@@ -201,8 +233,8 @@ def from_preference(record: dict[str, Any]) -> PreferencePair:
 
 def from_orca_dpo(record: dict[str, Any]) -> PreferencePair:
     prompt: list[Message] = []
-    if (record.get("system") or "").strip():
-        prompt.append({"role": "system", "content": record["system"]})
+    if (system := _optional_text(record, "system")).strip():
+        prompt.append({"role": "system", "content": system})
     prompt.append({"role": "user", "content": _text(record, "question")})
     chosen = [{"role": "assistant", "content": _text(record, "chosen")}]
     rejected = [{"role": "assistant", "content": _text(record, "rejected")}]

@@ -12,6 +12,7 @@ import io
 import json
 import random
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,10 +39,29 @@ class SourceReport:
     skipped: Counter = field(default_factory=Counter)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _read_bytes(path: Path) -> bytes:
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
+        with gzip.open(path, "rb") as handle:
+            return handle.read()
+    return path.read_bytes()
+
+
+def _decode(data: bytes, path: Path) -> str:
+    """UTF-8 text (a BOM is dropped); anything else is an error naming the line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        utf16 = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise AlignkitError(
+            f"{path}: line {line}, column {column}: byte {data[exc.start]:#04x} is not UTF-8 "
+            f"text{utf16}. Save the file as UTF-8."
+        ) from None
+
+
+def _read_text(path: Path) -> str:
+    return _decode(_read_bytes(path), path)
 
 
 def _base_suffix(path: Path) -> str:
@@ -49,22 +69,20 @@ def _base_suffix(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {number}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AlignkitError(
-                    f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}). "
-                    "Fix or remove that line."
-                ) from None
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {number}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AlignkitError(
+                f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}). "
+                "Fix or remove that line."
+            ) from None
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    with _open_text(path) as handle:
-        text = handle.read()
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -89,26 +107,37 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with _open_text(path) as handle:
-        for index, record in enumerate(csv.DictReader(handle), start=1):
+    rows = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
+        for index, record in enumerate(rows, start=1):
             yield f"row {index}", record
+    except csv.Error as exc:
+        raise AlignkitError(f"{path}: line {rows.line_num} is not valid CSV ({exc}).") from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for index, record in enumerate(pq.read_table(path).to_pylist(), start=1):
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise AlignkitError(
+            f"{path}: not a readable parquet file ({exc}). Re-export it, or save it as .jsonl."
+        ) from None
+    for index, record in enumerate(table.to_pylist(), start=1):
         yield f"row {index}", record
 
 
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
-def _slice_bounds(split: str, total: int) -> tuple[str, int, int]:
+def _slice_bounds(split: str, total: int, path: Path) -> tuple[str, int, int]:
     match = SLICE.match(split.strip())
     if not match:
         raise AlignkitError(
-            f"Cannot read split '{split}'; write it like train or train[:1000] or train[10%:]."
+            f"{path}: cannot read split '{split}'; write it like train or train[:1000] or "
+            "train[10%:]."
         )
 
     def bound(text: str | None, default: int) -> int:
@@ -129,8 +158,14 @@ def read_local(path: Path, split: str = "train") -> list[tuple[str, Any]]:
         raise AlignkitError(
             f"{path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)} (optionally .gz)."
         )
-    rows = list(reader(path))
-    _, start, stop = _slice_bounds(split, len(rows))
+    try:
+        rows = list(reader(path))
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise AlignkitError(
+            f"{path}: not a complete gzip file ({exc}). Re-compress it, or pass the "
+            "uncompressed file."
+        ) from None
+    _, start, stop = _slice_bounds(split, len(rows), path)
     return rows[start:stop]
 
 
@@ -156,6 +191,11 @@ def read_records(source: DataSource) -> list[tuple[str, Any]]:
     if path.is_file():
         return read_local(path, source.split)
     if path.suffix in LOCAL_SUFFIXES or path.suffix == ".gz":
+        if path.is_dir():
+            raise AlignkitError(
+                f"Data file '{source.path}' is a directory, not a file. Pass the data file "
+                "itself (or a saved dataset folder, whose name has no file suffix)."
+            )
         raise AlignkitError(f"Data file '{source.path}' does not exist.")
     return read_hub(source)
 

@@ -199,15 +199,20 @@ def tokenize_feedback(
     )
 
 
-def tokenize_examples(
-    examples: list[Example], tokenizer: Any, template: ChatTemplate, cfg: DataConfig
-) -> tuple[list[Any], TokenizeReport]:
-    """Tokenize a list of canonical examples of one kind, counting every change."""
+def check_prompt_limit(cfg: DataConfig) -> None:
+    """The prompt's share of max_length leaves room for a completion."""
     if prompt_limit(cfg) >= cfg.max_length:
         raise AlignkitError(
             f"data.max_prompt_length ({cfg.max_prompt_length}) must be below data.max_length "
             f"({cfg.max_length}) to leave room for the completion."
         )
+
+
+def tokenize_examples(
+    examples: list[Example], tokenizer: Any, template: ChatTemplate, cfg: DataConfig
+) -> tuple[list[Any], TokenizeReport]:
+    """Tokenize a list of canonical examples of one kind, counting every change."""
+    check_prompt_limit(cfg)
     report = TokenizeReport(rows=len(examples))
     out = []
     for example in examples:

@@ -31,22 +31,50 @@ from alignkit.train.checkpoint import TrainState
 from alignkit.train.loop import LoopParts, LossFn, run_loop, total_steps
 
 
-def prepare_output_dir(cfg: TrainConfig, command: str) -> tuple[Path, Path | None]:
-    """The output dir (default runs/<command>) and the checkpoint to resume from.
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """The local files and dirs a training run reads: an output dir must hold none."""
+    data = recipe.data
+    names = [recipe.model.name_or_path, recipe.pref.ref_model, recipe.model.chat_template]
+    names += [s.path for s in data.sources + data.eval_sources]
+    return [Path(n).expanduser() for n in names if n and Path(n).expanduser().exists()]
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    out: Path
+    resume_from: Path | None
+    set_aside: bool  # --overwrite on a non-empty dir: its old contents move to .previous/
+
+
+def plan_output_dir(recipe: Recipe, command: str) -> OutputPlan:
+    """The output dir (default runs/<command>) and the checkpoint to resume from, checked
+    before any work; nothing is written yet.
 
     Refuses to write into a non-empty dir unless told to overwrite or resume.
     """
+    cfg = recipe.train
     out = Path(cfg.output_dir) if cfg.output_dir else rundir.default_dir(command)
+    rundir.check_output_dir(out, recipe_inputs(recipe))
     found = rundir.checkpoints(out) if out.is_dir() else []
     if cfg.resume == "auto" and found:
-        return out, found[-1]
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite and cfg.resume != "auto":
+        return OutputPlan(out, found[-1], set_aside=False)
+    filled = out.is_dir() and any(out.iterdir())
+    if filled and not cfg.overwrite and cfg.resume != "auto":
         raise AlignkitError(
-            f"Output directory '{out}' is not empty. Pass --overwrite to write into it, "
-            "--resume to continue its run, or choose another --output-dir."
+            f"Output directory '{out}' is not empty. Pass --overwrite to write into it (its "
+            "contents move to .previous/ beside it), --resume to continue its run, or choose "
+            "another --output-dir."
         )
-    out.mkdir(parents=True, exist_ok=True)
-    return out, None
+    return OutputPlan(out, None, set_aside=filled and cfg.overwrite)
+
+
+def open_output_dir(plan: OutputPlan) -> Path:
+    """Make the output dir, moving what an earlier run left there aside (never deleted,
+    and no stale checkpoint is resumed later)."""
+    if plan.set_aside:
+        rundir.set_aside(plan.out)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    return plan.out
 
 
 def make_accelerator(cfg: TrainConfig, device: torch.device) -> Any:
@@ -156,18 +184,22 @@ def prepare_stage(
     """Accelerator, output dir, seed, tokenized data and the trainable model."""
     console = console or Console()
     accelerator = make_accelerator(recipe.train, resolve_device(recipe.model.device))
-    out, resume_from = prepare_output_dir(recipe.train, command)
+    plan = plan_output_dir(recipe, command)
     accelerator.wait_for_everyone()  # every rank has checked the dir before rank 0 writes to it
     torch.manual_seed(recipe.train.seed)
     data = load_stage_data(recipe, kinds, console, accelerator.is_main_process)
+    model = load_trainable(recipe)
+    if accelerator.is_main_process:  # data and model loaded: now the output dir is made
+        open_output_dir(plan)
+    accelerator.wait_for_everyone()
     return StageRun(
         command=command,
         recipe=recipe,
         accelerator=accelerator,
-        out=out,
-        resume_from=resume_from,
+        out=plan.out,
+        resume_from=plan.resume_from,
         data=data,
-        model=load_trainable(recipe),
+        model=model,
         console=console,
     )
 

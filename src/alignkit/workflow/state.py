@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +97,4 @@ def decide(state: dict[str, Any], run_dir: Path, stage: PlannedStage, forced: bo
 
 def set_aside(run_dir: Path, stage: PlannedStage) -> Path | None:
     """Move a stage's earlier output out of the way (kept under .previous/)."""
-    out = run_dir / stage.id
-    if not out.exists():
-        return None
-    stem = run_dir / rundir.PREVIOUS / f"{stage.id}-{time.strftime('%Y%m%d-%H%M%S')}"
-    target, n = stem, 1
-    while target.exists():  # two set-asides within one second
-        n += 1
-        target = stem.with_name(f"{stem.name}-{n}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    out.rename(target)
-    return target
+    return rundir.set_aside(run_dir / stage.id)
