@@ -13,6 +13,7 @@ a workflow run dir holds one such dir per stage, `RECIPE`, `SUMMARY`, `STATE_DIR
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -134,7 +135,8 @@ def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
     tmp = _temporary_sibling(path, directory=False)
     try:
-        yield tmp
+        with disk_full_named(path):
+            yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -157,13 +159,69 @@ def atomic_dir(
         remove_temporaries(path.parent, f"{path.name}.")
     tmp = _temporary_sibling(path, directory=True)
     try:
-        yield tmp
+        with disk_full_named(path):
+            yield tmp
         if existing == "keep":
             _rename_unless_there(tmp, path)
             return
         _replace_dir(tmp, path, keep_old=existing == "aside")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+MIN_FREE_BYTES = 1 << 20  # below this, a failed write is taken for a full disk
+
+
+class DiskFull(AlignkitError):
+    """A write failed because the file system holding it is full."""
+
+
+def is_disk_full(exc: BaseException, where: Path) -> bool:
+    """ENOSPC, said as an errno or in the text, or a writer's own error (safetensors can
+    report a short write as a position mismatch) on a file system that is all but full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(exc) or "os error 28" in str(exc):
+        return True  # a writer in another language (safetensors' Rust) names it in text
+    try:
+        return shutil.disk_usage(_nearest_existing(where)).free < MIN_FREE_BYTES
+    except OSError:
+        return False
+
+
+def disk_full_error(path: Path) -> DiskFull:
+    return DiskFull(
+        f"No space left on the device holding '{path.parent}' (writing '{path.name}'). "
+        f"Nothing was replaced: an earlier '{path.name}' is intact and no partial file is "
+        "left. Free some space, then run the command again (a training run: with --resume, "
+        "from its last complete checkpoint)."
+    )
+
+
+@contextmanager
+def disk_full_named(path: Path) -> Iterator[None]:
+    """Turn a write that failed on a full disk into a `DiskFull` naming the place."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc, path.parent):
+            raise disk_full_error(path) from None
+        raise
+
+
+def publish(staged: Path, out: Path, last: str) -> None:
+    """Move every file of `staged` into `out`, each in one rename, `last` at the end: a
+    reader finds either the earlier files or whole new ones, and `last` only when all
+    the others are in place."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in staged.iterdir())
+    for name in [n for n in names if n != last] + [n for n in names if n == last]:
+        target = out / name
+        if target.is_dir() and not (staged / name).is_dir():
+            shutil.rmtree(target)
+        os.replace(staged / name, target)
 
 
 def _replace_dir(tmp: Path, path: Path, keep_old: bool) -> None:

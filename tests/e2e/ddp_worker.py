@@ -37,9 +37,9 @@ def record_rows(order, micro_batch, cfg, rank, world):
     return rows
 
 
-def record_save(run, *args):
+def record_save(run, state_dict, directory):
     saved.append(str(run.out))
-    return save_outputs(run, *args)
+    return save_outputs(run, state_dict, directory)
 
 
 loop.rank_rows = record_rows

@@ -8,6 +8,7 @@ are aliases of config keys and take their help text from the config field.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from collections.abc import Callable
 from typing import Any
@@ -81,8 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler(args, extra)
     except AlignkitError as exc:
-        Console(stderr=True).print(
-            f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True
+        return report(str(exc))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = exc.filename or "the output directory"
+        return report(
+            f"No space left on the device holding '{where}'. Free some space, then run the "
+            "command again (a training run: with --resume, from its last complete checkpoint)."
         )
-        return 2
     return 0
+
+
+def report(message: str) -> int:
+    """An error a user can act on: one message, no traceback, exit code 2."""
+    Console(stderr=True).print(
+        f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True
+    )
+    return 2

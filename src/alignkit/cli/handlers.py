@@ -110,6 +110,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> None:
-    from alignkit.serve import serve
+    from alignkit.serve import api_key, serve
 
-    serve(_recipe(args, extra), args.host, args.port, args.api_key, args.served_name)
+    recipe = _recipe(args, extra)
+    key = api_key(args.api_key, args.api_key_file)
+    serve(recipe, args.host, args.port, key, args.served_name, args.max_queue)

@@ -52,6 +52,13 @@ def port(text: str) -> int:
     return int(text)
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return int(text)
+
+
 def arg(*flags: str, **kwargs: Any) -> Arg:
     return Arg(flags, kwargs)
 

@@ -13,7 +13,7 @@ from alignkit.cli.handlers import (
     cmd_serve,
     cmd_sft,
 )
-from alignkit.cli.spec import Command, Group, arg, field_help, port, source_arg
+from alignkit.cli.spec import Command, Group, arg, field_help, port, positive, source_arg
 
 CONFIG = arg("--config", help="Recipe YAML file; flags and overrides apply on top of it.")
 MODEL = arg("model.name_or_path", nargs="?", metavar="MODEL", help=field_help("model.name_or_path"))
@@ -214,8 +214,19 @@ COMMANDS: tuple[Command | Group, ...] = (
             MODEL,
             arg("--host", default="127.0.0.1", help="Address to bind; loopback by default."),
             arg("--port", type=port, default=8000, help="Port to listen on (1 to 65535)."),
-            arg("--api-key", help="Require Authorization: Bearer KEY on /v1 routes."),
+            arg(
+                "--api-key",
+                help="Require Authorization: Bearer KEY on /v1 routes (visible to other users "
+                "in the process list: prefer $ALIGNKIT_API_KEY or --api-key-file).",
+            ),
+            arg("--api-key-file", help="Read the API key from this file."),
             arg("--served-name", help="Model id the API reports; default MODEL."),
+            arg(
+                "--max-queue",
+                type=positive,
+                default=16,
+                help="Requests waiting or running at once; more are answered 503 with Retry-After.",
+            ),
         ),
     ),
 )

@@ -196,9 +196,9 @@ def settings(plan: Plan, cfg: EvalConfig, benchmark: Benchmark) -> dict[str, Any
     }
 
 
-def write_samples(output: dict[str, Any], folder: Path) -> None:
+def write_samples(samples: dict[str, list], folder: Path) -> None:
     """lm-eval's per-item records (prompts, answers, scores), one JSON line each."""
-    for task, rows in output.get("samples", {}).items():
+    for task, rows in samples.items():
         lines = "".join(json.dumps(row, default=str) + "\n" for row in rows)
         rundir.write_text(folder / f"{task}.jsonl", lines)
 
@@ -252,7 +252,8 @@ def make_task_manager(plan: Plan, folder: Path) -> Any:
 def evaluate_one(
     spec: str, label: str, recipe: Recipe, plan: Plan, task_manager: Any, say: Any
 ) -> dict[str, Any]:
-    """All planned benchmarks on one model; writes its results.json and samples."""
+    """All planned benchmarks on one model; writes its results.json and samples together,
+    into a temporary dir renamed into place (an interrupted eval leaves no partial one)."""
     cfg = recipe.eval
     started = time.perf_counter()
     lm = load_eval_model(spec, recipe)
@@ -266,6 +267,7 @@ def evaluate_one(
         "task_seconds": {},
         "lm_eval": {},
     }
+    samples: dict[str, list] = {}
     for benchmark in plan.benchmarks:
         say(
             f"[{label}] {benchmark.name}: {record_items(plan, benchmark)} items, "
@@ -278,14 +280,15 @@ def evaluate_one(
         record["task_seconds"][benchmark.name] = round(seconds, 1)
         record["settings"][benchmark.name] = settings(plan, cfg, benchmark)
         record["summary"].update(summary)
-        write_samples(output, plan.out / label / rundir.SAMPLES)
-        output.pop("samples", None)
+        samples.update(output.pop("samples", {}))
         record["lm_eval"][benchmark.name] = output
         figures = ", ".join(f"{v['label']} {100 * v['value']:.1f}" for v in summary.values())
         say(f"[{label}] {benchmark.name} done in {seconds:.0f}s: {figures}")
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     record["eval_config"] = to_dict(cfg)
-    rundir.write_json(plan.out / label / rundir.RESULTS, record)
+    with rundir.atomic_dir(plan.out / label) as tmp:
+        write_samples(samples, tmp / rundir.SAMPLES)
+        rundir.write_json(tmp / rundir.RESULTS, record)
     return record
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,23 +276,35 @@ def run_info(run: StageRun, state: TrainState) -> dict[str, Any]:
     }
 
 
-def save_outputs(run: StageRun, state_dict: dict[str, Any]) -> None:
+def save_outputs(run: StageRun, state_dict: dict[str, Any], directory: Path) -> None:
     """Final weights (adapter or full safetensors), tokenizer with the template used, config."""
     model = run.accelerator.unwrap_model(run.model)
-    model.save_pretrained(run.out, state_dict=state_dict, safe_serialization=True)
+    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     run.data.tokenizer.chat_template = run.data.template.source
-    run.data.tokenizer.save_pretrained(run.out)
-    save_recipe(run.recipe, run.out)
+    run.data.tokenizer.save_pretrained(directory)
+    save_recipe(run.recipe, directory)
 
 
 def finish(run: StageRun, state: TrainState, curves: list[list[str]]) -> None:
-    """Save weights, tokenizer, recipe and run info, and plot the curves (main process)."""
+    """Save weights, tokenizer, recipe and run info, and plot the curves (main process).
+
+    The final files are written into a temporary dir beside the output dir and moved in
+    one by one, `run_info.json` last: a crash or a full disk never leaves a half-written
+    file, and a run dir without `run_info.json` is an unfinished run (`--resume` ends it).
+    """
     acc, out = run.accelerator, run.out
     state_dict = acc.get_state_dict(run.model)  # on every rank: gathers FSDP / ZeRO-3 shards
     if acc.is_main_process:
-        save_outputs(run, state_dict)
-        rundir.write_json(out / rundir.RUN_INFO, run_info(run, state))
-        metrics = rundir.read_metrics(out / rundir.METRICS)
-        plot_curves(metrics, curves, out / rundir.CURVES)
+        staged = out.with_name(f".tmp-{out.name}-final")
+        shutil.rmtree(staged, ignore_errors=True)
+        try:
+            with rundir.disk_full_named(staged / rundir.RUN_INFO):
+                save_outputs(run, state_dict, staged)
+                rundir.write_json(staged / rundir.RUN_INFO, run_info(run, state))
+                metrics = rundir.read_metrics(out / rundir.METRICS)
+                plot_curves(metrics, curves, staged / rundir.CURVES)
+            rundir.publish(staged, out, last=rundir.RUN_INFO)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         run.console.print(f"saved to {out}")
     acc.wait_for_everyone()

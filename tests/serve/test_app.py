@@ -2,48 +2,23 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from support import make_tiny_llama
+from support import free_port, make_tiny_llama, running
 
 from alignkit.config import load_recipe
 from alignkit.serve import StopTrimmer, create_app, cut_at_stop, load_engine
+from alignkit.serve.schema import ChatMessage
 
 openai = pytest.importorskip("openai")
 NAME = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running(app):
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +49,7 @@ def test_chat_completion_with_usage(url, engine):
     choice = reply.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length")
-    ids = engine.chat_ids([type("M", (), {"role": "user", "content": "Say red."})()])
+    ids = engine.chat_ids([ChatMessage(role="user", content="Say red.")])
     assert reply.usage.prompt_tokens == len(ids)
     assert 1 <= reply.usage.completion_tokens <= 8
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
@@ -204,3 +179,40 @@ def test_serve_command_binds_loopback(tiny_model_dir):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_sigterm_with_a_stream_in_flight_ends_it_and_exits(tiny_model_dir):
+    import signal
+
+    port = free_port()
+    alignkit = Path(sys.executable).with_name("alignkit")
+    process = subprocess.Popen(
+        [str(alignkit), "serve", str(tiny_model_dir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                httpx.get(f"{base}/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {
+            "messages": [{"role": "user", "content": "Tell a long story."}],
+            "max_tokens": 1500,
+            "temperature": 0,
+            "stream": True,
+        }
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        # uvicorn shuts down gracefully, then re-raises the signal it caught
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        process.kill()
+        process.wait()

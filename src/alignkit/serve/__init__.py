@@ -1,0 +1,80 @@
+"""`alignkit serve`: an OpenAI-compatible HTTP API over one loaded model.
+
+`schema` validates requests, `engine` runs one generation at a time from a bounded,
+cancellable queue, `app` maps routes to it. Needs the `serve` extra (fastapi, uvicorn).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+from alignkit.errors import AlignkitError
+from alignkit.serve.app import StopTrimmer, create_app
+from alignkit.serve.engine import Engine, cut_at_stop
+
+__all__ = ["Engine", "StopTrimmer", "create_app", "cut_at_stop", "load_engine", "serve"]
+API_KEY_ENV = "ALIGNKIT_API_KEY"
+
+
+def load_engine(recipe: Any, name: str | None = None, max_queue: int = 16) -> Engine:
+    from alignkit.chat_templates import resolve_template
+    from alignkit.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    template = resolve_template(recipe.model.chat_template, tokenizer)
+    model = load_model(recipe.model).eval()
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    name = name or recipe.model.name_or_path
+    return Engine(model, tokenizer, template, name, context, max_queue=max_queue)
+
+
+def api_key(given: str | None, key_file: str | None) -> str | None:
+    """The key from --api-key-file, --api-key or $ALIGNKIT_API_KEY (first found)."""
+    if key_file:
+        path = Path(key_file)
+        if not path.is_file():
+            raise AlignkitError(f"API key file '{key_file}' does not exist.")
+        key = path.read_text(encoding="utf-8").strip()
+        if not key:
+            raise AlignkitError(f"API key file '{key_file}' is empty.")
+        return key
+    return given or os.environ.get(API_KEY_ENV) or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    recipe: Any,
+    host: str,
+    port: int,
+    key: str | None,
+    name: str | None,
+    max_queue: int = 16,
+    say: Any = print,
+) -> None:
+    import uvicorn
+
+    if not is_loopback(host) and not key:
+        say(
+            f"warning: serving on {host} without an API key: anyone who can reach this port "
+            f"can use the model. Set {API_KEY_ENV} or pass --api-key-file."
+        )
+    engine = load_engine(recipe, name, max_queue)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine.stop()  # the running generation ends at its next token
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(engine, key), host=host, port=port, log_level="info")
+    Server(config).run()
