@@ -667,8 +667,20 @@ OPTION_CASES = [
     Case(
         "run-stage-unknown-key",
         plain("run", "{ws}/w.yaml"),
-        ("stage 'sft'", "train.epochz"),
+        ("'train.epochz' in '", "w.yaml', stage 'sft'"),
         text("w.yaml", "stages:\n  - {stage: sft, train: {epochz: 1}}\n"),
+    ),
+    Case(
+        "run-misspelt-stage-key",
+        plain("run", "{ws}/w.yaml"),
+        ("stages[0]", "'inptu'", "Did you mean 'input'?"),
+        text("w.yaml", "stages:\n  - {stage: sft, inptu: base}\n"),
+    ),
+    Case(
+        "run-misspelt-shared-section",
+        plain("run", "{ws}/w.yaml"),
+        ("'trian' in '", "w.yaml'", "train"),
+        text("w.yaml", "trian: {epochs: 1}\nstages:\n  - stage: sft\n"),
     ),
     Case(
         "run-kind-key-misplaced",

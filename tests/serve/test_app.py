@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -152,11 +154,13 @@ def test_stop_trimmer_holds_back_partial_stops():
     )
 
 
-def test_serve_command_binds_loopback(tiny_model_dir):
+@contextmanager
+def serve_command(model_dir: Path):
+    """`alignkit serve MODEL` as a process on a free loopback port, once it answers."""
     port = free_port()
     alignkit = Path(sys.executable).with_name("alignkit")
     process = subprocess.Popen(
-        [str(alignkit), "serve", str(tiny_model_dir), "--port", str(port)],
+        [str(alignkit), "serve", str(model_dir), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -169,6 +173,14 @@ def test_serve_command_binds_loopback(tiny_model_dir):
                 time.sleep(0.1)
         else:
             pytest.fail("server did not start")
+        yield process, port
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def test_serve_command_binds_loopback(tiny_model_dir):
+    with serve_command(tiny_model_dir) as (_, port):
         # psutil comes with accelerate
         listening = [
             c
@@ -176,43 +188,22 @@ def test_serve_command_binds_loopback(tiny_model_dir):
             if c.laddr.port == port and c.status == "LISTEN"
         ]
         assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_sigterm_with_a_stream_in_flight_ends_it_and_exits(tiny_model_dir):
-    import signal
-
-    port = free_port()
-    alignkit = Path(sys.executable).with_name("alignkit")
-    process = subprocess.Popen(
-        [str(alignkit), "serve", str(tiny_model_dir), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                httpx.get(f"{base}/health")
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        body = {
-            "messages": [{"role": "user", "content": "Tell a long story."}],
-            "max_tokens": 1500,
-            "temperature": 0,
-            "stream": True,
-        }
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
+    body = {
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+    }
+    with serve_command(tiny_model_dir) as (process, port):
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        with httpx.stream("POST", url, json=body, timeout=60) as response:
+            lines = response.iter_lines()
             next(lines)
             process.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
         # uvicorn shuts down gracefully, then re-raises the signal it caught
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)
-    finally:
-        process.kill()
-        process.wait()

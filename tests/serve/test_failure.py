@@ -78,6 +78,17 @@ def test_a_client_timeout_stops_its_generation(url, engine):
     assert quick.status_code == 200 and time.monotonic() - started < 4
 
 
+def test_the_official_client_retrying_timeouts_leaves_no_generation_running(url, engine):
+    before = engine.counts["cancelled"]
+    retrying = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=2, timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        retrying.chat.completions.create(
+            model=NAME, messages=LONG["messages"], max_tokens=400, temperature=0
+        )
+    wait_idle(engine, timeout=3)  # one 400-token run alone would take 8 s
+    assert engine.counts["cancelled"] == before + 3  # the first try and both retries
+
+
 def test_a_closed_stream_stops_its_generation(url, engine):
     before = engine.counts["cancelled"]
     with httpx.stream(

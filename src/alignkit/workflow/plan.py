@@ -10,6 +10,8 @@ defaults, the shared sections, the stage's own sections, then the overrides.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,16 @@ def check_stage_item(item: Any, index: int, where: str) -> None:
             f"{where}: stages[{index}] has unknown stage '{item['stage']}'; use one of "
             f"{', '.join(KINDS)}."
         )
+    sections = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(item) - STAGE_KEYS - sections, key=str)
+    if unknown:
+        known = sorted(STAGE_KEYS | sections)
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise AlignkitError(
+            f"{where}: stages[{index}] has unknown key '{unknown[0]}'.{hint} A stage takes "
+            f"{', '.join(sorted(STAGE_KEYS))} and recipe sections ({', '.join(sorted(sections))})."
+        )
     extra = set(item) & STAGE_KEYS - {"stage", "id", "input"} - KIND_KEYS.get(item["stage"], set())
     if extra:
         raise AlignkitError(
@@ -98,7 +110,8 @@ def plan_stage(
 ) -> PlannedStage:
     """One stage: its recipe resolved from the shared and its own sections, its settings."""
     sections = {k: v for k, v in item.items() if k not in STAGE_KEYS}
-    recipe = resolve_recipe([shared, sections], overrides, where=f"{where} stage '{sid}'")
+    at = f" in '{where}', stage '{sid}'"
+    recipe = resolve_recipe([shared, sections], overrides, where=at)
     settings = {k: item[k] for k in KIND_KEYS.get(item["stage"], ()) if k in item}
     return PlannedStage(sid, item["stage"], recipe, item.get("input"), settings)
 
@@ -114,10 +127,10 @@ def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workf
         raise AlignkitError(f"{where}: a workflow recipe needs a non-empty `stages` list.")
     for i, item in enumerate(raw):
         check_stage_item(item, i, where)
-    check_keys(data, Recipe, where=where)
+    check_keys(data, Recipe, where=f" in '{where}'")
     ids = stage_ids(raw)
     common, per_stage = split_overrides(overrides or [], ids)
-    base = resolve_recipe([data], common, where=where).model.name_or_path
+    base = resolve_recipe([data], common, where=f" in '{where}'").model.name_or_path
     stages = [
         plan_stage(sid, item, data, common + per_stage[sid], where)
         for sid, item in zip(ids, raw, strict=True)
