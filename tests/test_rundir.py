@@ -100,12 +100,23 @@ def test_written_files_and_dirs_get_the_usual_permissions(tmp_path):
 
 def test_a_replacing_write_clears_what_a_killed_write_left(tmp_path):
     out = tmp_path / "merged"
-    (tmp_path / ".tmp-merged.abc123").mkdir()  # a write killed mid-way
-    (tmp_path / ".old-merged.def456").mkdir()  # killed between the two renames
-    (tmp_path / ".tmp-merged-other.x").mkdir()  # another output: kept
+    (tmp_path / ".tmp-merged.abcd1234").mkdir()  # a write killed mid-way
+    (tmp_path / ".old-merged.efgh5678").mkdir()  # killed between the two renames
+    (tmp_path / ".tmp-merged-other.abcd1234").mkdir()  # other outputs' temporaries: kept
+    (tmp_path / ".tmp-merged.v2.abcd1234").mkdir()
     with rundir.atomic_dir(out) as tmp:
         (tmp / "weights").write_text("w")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-merged-other.x", "merged"]
+    kept = [".tmp-merged-other.abcd1234", ".tmp-merged.v2.abcd1234", "merged"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
+
+
+def test_a_write_that_keeps_the_old_output_keeps_one_caught_between_renames(tmp_path):
+    (tmp_path / ".old-merged.efgh5678").mkdir()
+    (tmp_path / ".old-merged.efgh5678" / "weights").write_text("old")
+    with rundir.atomic_dir(tmp_path / "merged", existing="aside") as tmp:
+        (tmp / "weights").write_text("new")
+    (kept,) = (tmp_path / rundir.PREVIOUS).iterdir()
+    assert (kept / "weights").read_text() == "old"
 
 
 def test_a_failed_rename_puts_the_old_directory_back(tmp_path, monkeypatch):

@@ -41,6 +41,21 @@ class TrainingRecord:
         return "preference (" + " + ".join(self.recipe.pref.loss) + ")"
 
 
+# what the card reads from run_info.json
+RUN_INFO_KEYS = (
+    "stage",
+    "train_rows",
+    "data_kind",
+    "steps",
+    "trained_tokens",
+    "train_seconds",
+    "processes",
+    "device",
+    "hardware",
+    "cpu_count",
+)
+
+
 def load_record(path: Path) -> TrainingRecord:
     needed = (rundir.CONFIG, rundir.RUN_INFO, rundir.METRICS)
     missing = [n for n in needed if not (path / n).is_file()]
@@ -49,11 +64,22 @@ def load_record(path: Path) -> TrainingRecord:
             f"'{path}' lacks {', '.join(missing)}: pass the output dir of alignkit sft or pref "
             "(or a dir alignkit merge made from one)."
         )
+    try:
+        info = rundir.read_json(path / rundir.RUN_INFO)
+        metrics = rundir.read_metrics(path / rundir.METRICS)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise AlignkitError(
+            f"'{path}': its {rundir.RUN_INFO} or {rundir.METRICS} is damaged ({exc}); it was "
+            "not written whole by alignkit. Re-run the training stage."
+        ) from None
+    missing = [k for k in RUN_INFO_KEYS if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise AlignkitError(
+            f"'{path / rundir.RUN_INFO}' lacks {', '.join(missing)}; it was not written by this "
+            "alignkit. Re-run the training stage."
+        )
     return TrainingRecord(
-        path=path,
-        recipe=load_recipe(path / rundir.CONFIG),
-        info=rundir.read_json(path / rundir.RUN_INFO),
-        metrics=rundir.read_metrics(path / rundir.METRICS),
+        path=path, recipe=load_recipe(path / rundir.CONFIG), info=info, metrics=metrics
     )
 
 
@@ -245,5 +271,7 @@ def write_card(
     results = rundir.load_results(eval_paths, expand=False)  # one model each, in the given order
     model_dir = run_dirs[-1]
     out = out or model_dir / rundir.CARD
+    if out.is_dir():
+        raise AlignkitError(f"--out '{out}' is a directory; give the card's file path.")
     writable_card(out, overwrite)
     return rundir.write_text(out, render_card(stages, results, model_dir, name or model_dir.name))

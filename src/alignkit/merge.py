@@ -28,6 +28,8 @@ def check_merge_paths(adapter_dir: str, out: Path, overwrite: bool) -> str:
         )
     inputs = [Path(p) for p in (adapter_dir, resolved.path) if Path(p).exists()]
     rundir.check_output_dir(out, inputs)
+    if out.exists():
+        rundir.check_movable(out)  # the merged model replaces it whole
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise AlignkitError(
             f"Output directory '{out}' is not empty. Pass --overwrite (its contents move to "

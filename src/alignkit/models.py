@@ -85,7 +85,7 @@ class ResolvedModel:
     tokenizer_path: str | None = None
 
 
-def resolve(name: str) -> ResolvedModel:
+def resolve(name: str, seen: tuple[str, ...] = ()) -> ResolvedModel:
     """Map a model spec to loadable paths (converting GGUF, following adapter configs)."""
     if name in DEFAULT_MODEL_NAMES:
         return ResolvedModel(str(converted_gguf_dir(bundled_gguf_path())))
@@ -98,8 +98,15 @@ def resolve(name: str) -> ResolvedModel:
         adapter_cfg = path / "adapter_config.json"
         if adapter_cfg.is_file():
             base = adapter_base(adapter_cfg)
+            here = str(path.resolve())
+            if here in seen or str(Path(base).expanduser().resolve()) in (*seen, here):
+                raise AlignkitError(
+                    f"'{adapter_cfg}' names '{base}' as its base model, which leads back to "
+                    "itself. Set base_model_name_or_path to the model the adapter was trained on."
+                )
+            resolved_base = resolve(base, (*seen, here))
             has_tok = (path / "tokenizer_config.json").is_file()
-            return ResolvedModel(resolve(base).path, str(path), str(path) if has_tok else None)
+            return ResolvedModel(resolved_base.path, str(path), str(path) if has_tok else None)
         if not any(path.iterdir()):
             raise AlignkitError(f"Model directory '{name}' is empty; pass a model directory.")
         return ResolvedModel(str(path))
@@ -274,6 +281,19 @@ def check_lora_targets(model: Any, targets: list[str]) -> None:
             f"lora.target_modules {missing} match no module of the model. "
             f"Its linear layers are: {', '.join(linear)} (or use all-linear)."
         )
+
+
+def local_paths(names: list[str | None]) -> list[Path]:
+    """The local files and dirs behind model specs and paths (an adapter's base too):
+    what an output directory must not hold."""
+    found = []
+    for name in filter(None, names):
+        path = Path(name).expanduser()
+        if path.is_dir() and (path / "adapter_config.json").is_file():
+            found.append(Path(resolve(name).path))
+        if path.exists():
+            found.append(path)
+    return found
 
 
 def is_local_model(name: str) -> bool:

@@ -109,14 +109,23 @@ def _default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~UMASK
 
 
-def remove_temporaries(directory: Path, name: str) -> None:
-    """Delete what writes of `name*` left behind in `directory` when a process died
-    mid-write (only for outputs one process writes at a time)."""
-    for stale in (*directory.glob(f".tmp-{name}*"), *directory.glob(f".old-{name}*")):
+TEMP_SUFFIX = "?" * 8  # tempfile's random part: `.tmp-<name>.` is followed by 8 characters
+
+
+def remove_temporaries(directory: Path, name: str, keep_old: bool = False) -> None:
+    """Clear what a killed write of `name` left in `directory` (only for outputs one
+    process writes at a time): its temporaries are deleted; an `.old-` copy, the earlier
+    output caught between two renames, is deleted or with `keep_old` kept in .previous/."""
+    for stale in directory.glob(f".tmp-{name}.{TEMP_SUFFIX}"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+    for old in directory.glob(f".old-{name}.{TEMP_SUFFIX}"):
+        if keep_old:
+            old.rename(previous_path(directory / name))
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _temporary_sibling(path: Path, directory: bool) -> Path:
@@ -156,7 +165,7 @@ def atomic_dir(
     an earlier, killed write of the same path left behind.
     """
     if existing != "keep" and path.parent.is_dir():
-        remove_temporaries(path.parent, f"{path.name}.")
+        remove_temporaries(path.parent, path.name, keep_old=existing == "aside")
     tmp = _temporary_sibling(path, directory=True)
     try:
         with disk_full_named(path):
@@ -270,6 +279,11 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_output_dir(out: Path, inputs: list[Path]) -> None:
     """Before any work: `out` is (or can become) a writable directory holding no input."""
+    if out.is_symlink() and not out.exists():
+        raise AlignkitError(
+            f"Output '{out}' is a symbolic link to nothing ('{os.readlink(out)}'). Remove it "
+            "or choose another output directory."
+        )
     if out.exists() and not out.is_dir():
         raise AlignkitError(
             f"Output '{out}' is a file, not a directory. Choose another output directory."
@@ -283,11 +297,26 @@ def check_output_dir(out: Path, inputs: list[Path]) -> None:
                 "directory."
             )
     base = _nearest_existing(out)
+    if not base.is_dir():
+        raise AlignkitError(
+            f"Output directory '{out}' would be inside '{base}', which is a file. Choose "
+            "another output directory."
+        )
     problem = _unwritable(base, probe=base != out.absolute())
     if problem:
         raise AlignkitError(
             f"Cannot write the output directory '{out}': '{base}' is not writable "
             f"({problem}). Choose another output directory."
+        )
+
+
+def check_movable(path: Path) -> None:
+    """`path` can be moved aside or replaced whole: not the working dir, not a mount point."""
+    if path.resolve() == Path.cwd().resolve() or os.path.ismount(path):
+        what = "the current directory" if not os.path.ismount(path) else "a mount point"
+        raise AlignkitError(
+            f"'{path}' is {what}, so it cannot be moved aside or replaced. Choose a new "
+            "directory (inside it, for instance) as the output."
         )
 
 

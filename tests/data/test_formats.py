@@ -221,3 +221,12 @@ def test_mixture_of_different_kinds_is_an_error(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "q", "chosen": "x", "rejected": "y"}])
     with pytest.raises(AlignkitError, match="Cannot mix sft data"):
         load_mixture([DataSource(str(a)), DataSource(str(b))])
+
+
+def test_line_separators_inside_json_strings_stay_in_their_row(tmp_path):
+    text = "first\u2028second\u0085third\u2029"
+    path = tmp_path / "d.jsonl"
+    rows = [{"instruction": "Say it.", "output": text}, {"instruction": "Again.", "output": "x"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    examples, report = load_source(DataSource(path=str(path)))
+    assert report.used == 2 and examples[0].messages[-1]["content"] == text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ from support import make_tiny_llama, write_jsonl
 from alignkit.cli import main
 
 ALPACA = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+TAKEN = socket.socket()  # a loopback port in use, for `serve --port`
+TAKEN.bind(("127.0.0.1", 0))
+TAKEN.listen()
 PAIR = {"prompt": "Say hi.", "chosen": "Hi.", "rejected": "No."}
 
 
@@ -712,6 +716,145 @@ OPTION_CASES = [
         ("train.epochz",),
         text("w.yaml", "stages:\n  - stage: sft\n"),
     ),
+    Case(
+        "eval-output-holds-the-model",
+        plain(
+            "eval",
+            "{ws}/tiny",
+            "--tasks",
+            "arc_easy",
+            "--limit",
+            "1",
+            "--offline",
+            "--output-dir",
+            "{ws}",
+        ),
+        ("holds", "tiny"),
+    ),
+    Case(
+        "eval-results-dir-not-alignkits",
+        plain(
+            "eval",
+            "{ws}/tiny",
+            "--tasks",
+            "arc_easy",
+            "--limit",
+            "1",
+            "--offline",
+            "--output-dir",
+            "{ws}/evals",
+        ),
+        ("evals/tiny", "alignkit eval did not write"),
+        lambda ws: (
+            (ws / "evals" / "tiny").mkdir(parents=True) or (ws / "evals/tiny/notes").write_text("x")
+        ),
+    ),
+    Case(
+        "eval-output-is-a-file",
+        plain(
+            "eval",
+            "{ws}/tiny",
+            "--tasks",
+            "arc_easy",
+            "--limit",
+            "1",
+            "--offline",
+            "--output-dir",
+            "{ws}/good.jsonl",
+        ),
+        ("good.jsonl", "is a file"),
+    ),
+    Case(
+        "learning-rate-nan", sft("--train.learning_rate", "nan"), ("train.learning_rate", "finite")
+    ),
+    Case("beta-inf", pref("--beta", "inf"), ("pref.beta", "finite")),
+    Case(
+        "chat-temperature-inf",
+        plain("chat", "{ws}/tiny", "--prompt", "hi", "--temperature", "inf"),
+        ("generation.temperature", "finite"),
+    ),
+    Case("train-seed-too-big", sft("--train.seed", str(2**64)), ("train.seed",)),
+    Case(
+        "chat-seed-too-big",
+        plain("chat", "{ws}/tiny", "--prompt", "hi", "--seed", str(2**64)),
+        ("generation.seed",),
+    ),
+    Case(
+        "micro-batch-above-rows",
+        sft("--train.micro_batch_size", "100"),
+        ("Only 4 training rows", "micro_batch_size"),
+    ),
+    Case(
+        "deeply-nested-json",
+        inspect("deep.jsonl"),
+        ("deep.jsonl", "line 1", "nested too deeply"),
+        text("deep.jsonl", "[" * 100000 + "\n"),
+    ),
+    Case(
+        "row-is-null",
+        inspect("null.jsonl"),
+        ("null.jsonl", "line 1", "JSON null"),
+        text("null.jsonl", "null\n"),
+    ),
+    Case(
+        "config-binary",
+        sft("--config", "{ws}/bin.yaml"),
+        ("bin.yaml", "UTF-8"),
+        raw("bin.yaml", bytes(range(256))),
+    ),
+    Case(
+        "api-key-file-binary",
+        plain("serve", "{ws}/tiny", "--api-key-file", "{ws}/key.bin"),
+        ("key.bin", "UTF-8"),
+        raw("key.bin", b"\xff\xfe\x00"),
+    ),
+    Case(
+        "api-key-file-missing",
+        plain("serve", "{ws}/tiny", "--api-key-file", "{ws}/nokey"),
+        ("nokey", "does not exist"),
+    ),
+    Case(
+        "serve-port-taken",
+        lambda ws: ["serve", str(ws / "tiny"), "--port", str(TAKEN.getsockname()[1])],
+        ("Cannot listen", "--port"),
+    ),
+    Case(
+        "adapter-base-is-itself",
+        sft("--model", "{ws}/loop"),
+        ("adapter_config.json", "back to itself"),
+        lambda ws: adapter_dir(
+            ws, "loop", json.dumps({"base_model_name_or_path": str(ws / "loop")})
+        ),
+    ),
+    Case(
+        "output-dir-dangling-link",
+        sft("--output-dir", "{ws}/link"),
+        ("link", "symbolic link to nothing"),
+        lambda ws: (ws / "link").symlink_to(ws / "gone"),
+    ),
+    Case(
+        "output-dir-under-a-file",
+        sft("--output-dir", "{ws}/good.jsonl/sub"),
+        ("good.jsonl", "which is a file"),
+    ),
+    Case(
+        "card-run-info-incomplete",
+        plain("card", "{ws}/run"),
+        ("run_info.json", "lacks"),
+        lambda ws: fake_run(ws) or (ws / "run" / "run_info.json").write_text('{"stage": "sft"}'),
+    ),
+    Case(
+        "card-run-info-truncated",
+        plain("card", "{ws}/run"),
+        ("run_info.json", "damaged"),
+        lambda ws: fake_run(ws) or (ws / "run" / "run_info.json").write_text('{"stage": '),
+    ),
+    Case(
+        "card-out-is-a-directory",
+        plain("card", "{ws}/run", "--out", "{ws}"),
+        ("--out", "is a directory"),
+        lambda ws: fake_run(ws),
+    ),
 ]
 CASES = DATA_CASES + OPTION_CASES
 
@@ -772,7 +915,7 @@ def template(tmp_path_factory, smol_tokenizer) -> Path:
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns)
         for p in sorted(root.rglob("*"))
     }
 

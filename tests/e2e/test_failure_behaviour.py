@@ -126,3 +126,31 @@ def test_training_onto_a_full_disk_is_named_then_resumes(tmp_path, tiny_model_di
         assert main(sft_argv(tiny_model_dir, data, out, "--resume")) == 0
         assert (out / rundir.RUN_INFO).is_file() and (out / "adapter_model.safetensors").is_file()
         assert len(rundir.read_metrics(out / rundir.METRICS)) == 2
+
+
+def test_the_current_directory_trains_but_is_never_moved_aside(
+    tmp_path, tiny_model_dir, data, monkeypatch, capsys
+):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(sft_argv(tiny_model_dir, data, Path("."))) == 0
+    assert (here / rundir.RUN_INFO).is_file() and leftovers(here) == []
+    assert main(sft_argv(tiny_model_dir, data, Path("."), "--overwrite")) == 2
+    assert "current directory" in capsys.readouterr().err
+    assert (here / rundir.RUN_INFO).is_file()
+
+
+def test_a_mount_point_takes_training_outputs_and_is_never_replaced_whole(
+    tmp_path, tiny_model_dir, data, capsys
+):
+    with tmpfs(tmp_path / "volume", "64m") as volume:
+        assert main(sft_argv(tiny_model_dir, data, volume)) == 0
+        assert (volume / rundir.RUN_INFO).is_file() and leftovers(volume) == []
+        code = main(["merge", str(volume), "--out", str(volume), "--overwrite"])
+        assert code == 2 and "holds" in capsys.readouterr().err
+        adapter = tmp_path / "adapter"
+        assert main(sft_argv(tiny_model_dir, data, adapter)) == 0
+        code = main(["merge", str(adapter), "--out", str(volume), "--overwrite"])
+        assert code == 2 and "mount point" in capsys.readouterr().err
+        assert (volume / rundir.RUN_INFO).is_file()

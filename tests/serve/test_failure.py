@@ -51,9 +51,10 @@ def url(engine):
 
 def wait_idle(engine, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
-    while engine.counts["queued"] and time.monotonic() < end:
+    busy = lambda: engine.counts["queued"] or engine.counts["running"]  # noqa: E731
+    while busy() and time.monotonic() < end:
         time.sleep(0.05)
-    assert engine.counts["queued"] == 0, "a generation kept running"
+    assert not busy(), "a generation kept running"
 
 
 def long_body(tokens: int = 400, **extra) -> dict:
@@ -129,6 +130,31 @@ def test_a_full_queue_answers_503_with_retry_after(smol_tokenizer, engine):
             assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
             assert busy.json()["error"]["code"] == "server_busy"
             assert httpx.get(f"{base}/health", timeout=2).json()["queued"] == 1
+            first.join()
+    finally:
+        engine.max_queue = 16
+    wait_idle(engine)
+
+
+def test_requests_abandoned_in_the_queue_free_their_slots(engine):
+    engine.max_queue = 3
+    try:
+        with running(create_app(engine)) as base:
+            first = threading.Thread(
+                target=lambda: httpx.post(
+                    f"{base}/v1/chat/completions", json=long_body(150), timeout=30
+                )
+            )
+            first.start()
+            while engine.counts["queued"] == 0:
+                time.sleep(0.02)
+            for _ in range(2):  # queued behind the long one, then abandoned
+                with contextlib.suppress(httpx.TransportError):
+                    httpx.post(f"{base}/v1/chat/completions", json=long_body(3), timeout=0.5)
+            time.sleep(3 * 0.25)  # the server notices within a few polls
+            assert httpx.get(f"{base}/health").json()["queued"] == 1
+            again = httpx.post(f"{base}/v1/chat/completions", json=long_body(3), timeout=30)
+            assert again.status_code == 200  # not 503: the abandoned ones hold no slot
             first.join()
     finally:
         engine.max_queue = 16
@@ -250,6 +276,7 @@ def test_binding_beyond_loopback_without_a_key_warns(monkeypatch):
         raise Stop
 
     monkeypatch.setattr(serving, "load_engine", no_model)
+    monkeypatch.setattr(serving, "check_bindable", lambda host, port: None)
     with pytest.raises(Stop):
         serve(None, "0.0.0.0", 8000, None, None, say=said.append)
     assert said and "without an API key" in said[0]

@@ -58,7 +58,7 @@ def cmd_merge(args: argparse.Namespace, extra: list[str]) -> None:
 
     if extra:
         raise AlignkitError(f"alignkit merge takes no settings; got {' '.join(extra)}.")
-    out = merge_adapter(args.adapter_dir, Path(args.out), args.dtype, args.overwrite)
+    out = merge_adapter(args.adapter_dir, Path(args.out).expanduser(), args.dtype, args.overwrite)
     print(f"merged model written to {out}")
 
 

@@ -119,7 +119,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora.dropout": _within(0, 1, high_open=True),
     "data.max_length": _at_least(2),
     "data.max_prompt_length": _at_least(1),
-    "data.seed": _at_least(0),
+    "data.seed": _within(0, 2**32 - 1),
     "train.epochs": _at_least(0),
     "train.max_steps": _at_least(0),
     "train.micro_batch_size": _at_least(1),
@@ -129,7 +129,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.warmup_steps": _at_least(0),
     "train.weight_decay": _at_least(0),
     "train.max_grad_norm": _at_least(0),
-    "train.seed": _at_least(0),
+    "train.seed": _within(0, 2**32 - 1),
     "train.logps_chunk": _at_least(0),
     "train.logging_steps": _at_least(1),
     "train.eval_fraction": _within(0, 1, high_open=True),
@@ -147,7 +147,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "generation.top_p": _within(0, 1),
     "generation.top_k": _at_least(0),
     "generation.repetition_penalty": _above(0),
-    "generation.seed": _at_least(0),
+    "generation.seed": _within(0, 2**64 - 1),
     "eval.max_gen_toks": _at_least(1),
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -112,6 +113,8 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
             raise AlignkitError(
                 f"'{key}' must be a{'n integer' if tp is int else ' number'}; got '{value}'."
             ) from None
+        if tp is float and not math.isfinite(number):
+            raise AlignkitError(f"'{key}' must be a finite number; got '{value}'.")
         return number
     if tp is str:
         if isinstance(value, (dict, list)):
@@ -202,6 +205,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise AlignkitError(f"Recipe file '{path}' does not exist.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise AlignkitError(f"Recipe file '{path}' is not UTF-8 text: is it a YAML file?") from None
     except yaml.YAMLError as exc:
         raise AlignkitError(f"Recipe file '{path}' is not valid YAML: {exc}") from None
     if data is None:

@@ -69,7 +69,8 @@ def _base_suffix(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    # only \n ends a record: U+2028 and friends are legal inside JSON strings
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -79,12 +80,16 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}). "
                 "Fix or remove that line."
             ) from None
+        except RecursionError:
+            raise AlignkitError(f"{path}: line {number} is nested too deeply to read.") from None
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     text = _read_text(path)
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise AlignkitError(f"{path}: the JSON is nested too deeply to read.") from None
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON Lines saved with a .json name
             yield from _read_jsonl(path)
@@ -107,6 +112,7 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    csv.field_size_limit(1 << 30)  # long texts are ordinary in training data
     rows = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     try:
         for index, record in enumerate(rows, start=1):
@@ -128,6 +134,9 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     for index, record in enumerate(table.to_pylist(), start=1):
         yield f"row {index}", record
 
+
+JSON_KINDS = {type(None): "null", list: "array", str: "string", bool: "boolean", int: "number"}
+JSON_KINDS[float] = "number"
 
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
@@ -249,7 +258,13 @@ def pick_format(source: DataSource, records: list[tuple[str, Any]]) -> Format:
     if not records:
         raise AlignkitError(f"{source.path}: no records to read.")
     where, first = records[0]
-    fmt = detect_format(first) if isinstance(first, dict) else None
+    if not isinstance(first, dict):
+        kind = JSON_KINDS.get(type(first), type(first).__name__)
+        raise AlignkitError(
+            f"{source.path}: {where} is a JSON {kind}, not an object with fields. Each "
+            f"record must be an object. Known formats:\n{formats_help()}"
+        )
+    fmt = detect_format(first)
     if fmt is None:
         keys = ", ".join(first) if isinstance(first, dict) else type(first).__name__
         raise AlignkitError(

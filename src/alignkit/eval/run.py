@@ -32,7 +32,7 @@ from alignkit.eval.tasks import (
     sample_indices,
     write_offline_tasks,
 )
-from alignkit.models import DEFAULT_MODEL_NAMES, load_model, load_tokenizer
+from alignkit.models import DEFAULT_MODEL_NAMES, load_model, load_tokenizer, local_paths
 
 CPU_BATCH = 8
 BOOTSTRAP_ITERS = 1000
@@ -79,7 +79,7 @@ def plan_eval(cfg: EvalConfig, offline: bool | None = None) -> Plan:
         for b in benchmarks
     }
     samples = {b.name: sample_indices(cfg.limit, eval_split_sizes(b)) for b in benchmarks}
-    out = Path(cfg.output_dir) if cfg.output_dir else rundir.default_dir("eval")
+    out = Path(cfg.output_dir).expanduser() if cfg.output_dir else rundir.default_dir("eval")
     return Plan(benchmarks, parse_fewshot(cfg.num_fewshot, benchmarks), chat, samples, offline, out)
 
 
@@ -203,8 +203,20 @@ def write_samples(samples: dict[str, list], folder: Path) -> None:
         rundir.write_text(folder / f"{task}.jsonl", lines)
 
 
-def check_outputs(plan: Plan, labels: list[str], overwrite: bool) -> None:
-    """Refuse, before any work, to replace earlier results unless asked."""
+def check_outputs(plan: Plan, specs: list[str], labels: list[str], overwrite: bool) -> None:
+    """Refuse, before any work, an output dir holding a model evaluated, a model's
+    results dir that alignkit eval did not write, and earlier results unless asked."""
+    rundir.check_output_dir(plan.out, local_paths(specs))
+    foreign = [
+        plan.out / label
+        for label in labels
+        if (plan.out / label).exists() and not (plan.out / label / rundir.RESULTS).is_file()
+    ]
+    if foreign:
+        raise AlignkitError(
+            f"'{foreign[0]}' exists and holds no {rundir.RESULTS}: alignkit eval did not write "
+            "it, and would replace it with this model's results. Choose another --output-dir."
+        )
     existing = [
         plan.out / label / rundir.RESULTS
         for label in labels
@@ -223,7 +235,7 @@ def evaluate_models(specs: list[str], recipe: Recipe, say: Any = print) -> list[
     cfg = recipe.eval
     plan = plan_eval(cfg)
     labels = unique_labels(specs)
-    check_outputs(plan, labels, cfg.overwrite)
+    check_outputs(plan, specs, labels, cfg.overwrite)
     source = "the shipped offline copies" if plan.offline else "the Hugging Face Hub"
     say(
         f"Benchmarks {', '.join(b.name for b in plan.benchmarks)} on {source}"
@@ -286,7 +298,7 @@ def evaluate_one(
         say(f"[{label}] {benchmark.name} done in {seconds:.0f}s: {figures}")
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     record["eval_config"] = to_dict(cfg)
-    with rundir.atomic_dir(plan.out / label) as tmp:
+    with rundir.atomic_dir(plan.out / label, existing="aside") as tmp:
         write_samples(samples, tmp / rundir.SAMPLES)
         rundir.write_json(tmp / rundir.RESULTS, record)
     return record

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,31 @@ def api_key(given: str | None, key_file: str | None) -> str | None:
         path = Path(key_file)
         if not path.is_file():
             raise AlignkitError(f"API key file '{key_file}' does not exist.")
-        key = path.read_text(encoding="utf-8").strip()
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise AlignkitError(f"API key file '{key_file}' is not UTF-8 text.") from None
         if not key:
             raise AlignkitError(f"API key file '{key_file}' is empty.")
         return key
     return given or os.environ.get(API_KEY_ENV) or None
+
+
+def check_bindable(host: str, port: int) -> None:
+    """The address can be listened on, checked before the model loads."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise AlignkitError(f"--host '{host}' is not an address here ({exc.strerror}).") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise AlignkitError(
+                f"Cannot listen on {host}:{port} ({exc.strerror}). Choose another --port, or "
+                "stop what is using it."
+            ) from None
 
 
 def is_loopback(host: str) -> bool:
@@ -69,6 +90,7 @@ def serve(
             f"warning: serving on {host} without an API key: anyone who can reach this port "
             f"can use the model. Set {API_KEY_ENV} or pass --api-key-file."
         )
+    check_bindable(host, port)
     engine = load_engine(recipe, name, max_queue)
 
     class Server(uvicorn.Server):

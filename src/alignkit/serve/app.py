@@ -144,7 +144,9 @@ def sse(payload: dict[str, Any]) -> str:
 def failure(exc: BaseException) -> ApiError:
     """What a client is told when its generation did not finish."""
     if isinstance(exc, Cancelled):
-        return ApiError(503, "The generation was stopped: the server is shutting down.")
+        return ApiError(
+            503, "The generation was stopped: the server is shutting down.", code="shutting_down"
+        )
     return ApiError(500, f"Generation failed: {exc}", code="server_error")
 
 
@@ -163,7 +165,7 @@ async def finish(engine: Engine, job: Job, http: Request) -> Generation:
         if done:
             break
         if await client_gone(http):
-            job.cancel.set()
+            engine.cancel(job)
             await asyncio.wait({future})
             break
     if future.exception() is not None:
@@ -178,24 +180,29 @@ async def stream(engine: Engine, job: Job, chunk: Chunker, http: Request) -> Any
     job.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
     future = engine.submit(job)
     future.add_done_callback(lambda _: pieces.put_nowait(None))
-    first = await first_piece(pieces, job, http)
+    first = await first_piece(engine, pieces, job, http)
     if first is None and future.exception() is not None:
         raise failure(future.exception())  # nothing sent yet: an HTTP error
-    events = stream_events(first, pieces, future, job, chunk)
+    events = stream_events(engine, first, pieces, future, job, chunk)
     return StreamingResponse(events, media_type="text/event-stream")
 
 
-async def first_piece(pieces: asyncio.Queue, job: Job, http: Request) -> str | None:
+async def first_piece(engine: Engine, pieces: asyncio.Queue, job: Job, http: Request) -> str | None:
     while True:
         try:
             return await asyncio.wait_for(pieces.get(), timeout=POLL_S)
         except asyncio.TimeoutError:  # noqa: UP041 - not the builtin before Python 3.11
             if await client_gone(http):
-                job.cancel.set()
+                engine.cancel(job)
 
 
 async def stream_events(
-    first: str | None, pieces: asyncio.Queue, future: asyncio.Future, job: Job, chunk: Chunker
+    engine: Engine,
+    first: str | None,
+    pieces: asyncio.Queue,
+    future: asyncio.Future,
+    job: Job,
+    chunk: Chunker,
 ) -> AsyncIterator[str]:
     trimmer = StopTrimmer(job.request.stops())
     try:
@@ -219,7 +226,7 @@ async def stream_events(
         yield sse(final)
         yield "data: [DONE]\n\n"
     finally:  # the client closed the stream, or it ended: stop generating either way
-        job.cancel.set()
+        engine.cancel(job)
 
 
 async def answer(
@@ -329,13 +336,15 @@ def create_app(engine: Engine, api_key: str | None = None) -> Any:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat(request: ChatRequest, http: Request) -> Any:
-        return await answer(engine, engine.chat_ids(request.messages), request, http, "chat")
+        ids = await asyncio.to_thread(engine.chat_ids, request.messages)  # off the event loop
+        return await answer(engine, ids, request, http, "chat")
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def complete(request: CompletionRequest, http: Request) -> Any:
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         if len(prompts) != 1:
             raise ApiError(400, "Send exactly one prompt per request.", "prompt", "invalid_value")
-        return await answer(engine, engine.text_ids(prompts[0]), request, http, "completion")
+        ids = await asyncio.to_thread(engine.text_ids, prompts[0])
+        return await answer(engine, ids, request, http, "completion")
 
     return BodyLimit(app)

@@ -54,14 +54,17 @@ def completion_stop(tokenizer: Any, prompt_len: int, stops: list[str]) -> Any:
     return CompletionStop()
 
 
-def cancel_check(*flags: threading.Event) -> Any:
-    """A stopping criterion that ends generation at the next step once a flag is set."""
+def cancel_check(job: Job, stopping: threading.Event) -> Any:
+    """A stopping criterion that ends generation at the next step once the job is
+    cancelled or the server stops, and marks the job as cut short."""
     from transformers import StoppingCriteria
 
     class CancelCheck(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            hit = any(f.is_set() for f in flags)
-            return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
+            if job.cancel.is_set() or stopping.is_set():
+                job.interrupted = True
+            size = (input_ids.shape[0],)
+            return torch.full(size, job.interrupted, dtype=torch.bool, device=input_ids.device)
 
     return CancelCheck()
 
@@ -81,6 +84,8 @@ class Job:
     budget: int
     on_text: Callable[[str], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    interrupted: bool = False  # generation was cut short by cancel or shutdown
+    holds_slot: bool = False  # counted in the queue bound
 
 
 @dataclass
@@ -93,7 +98,9 @@ class Engine:
     max_queue: int = 16  # jobs waiting or running; more are answered 503
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
     stopping: threading.Event = field(default_factory=threading.Event)
-    counts: dict[str, int] = field(default_factory=lambda: {"queued": 0, "done": 0, "cancelled": 0})
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"queued": 0, "running": 0, "done": 0, "cancelled": 0}
+    )
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
@@ -147,14 +154,28 @@ class Engine:
                     headers={"Retry-After": str(RETRY_AFTER_S)},
                 )
             self.counts["queued"] += 1
+            job.holds_slot = True
         return asyncio.wrap_future(self.worker.submit(self._run, job))
 
+    def cancel(self, job: Job) -> None:
+        """The client left: stop the job at its next token, and free its queue slot now
+        (a job waiting behind a long generation must not keep others out)."""
+        job.cancel.set()
+        self._release(job)
+
+    def _release(self, job: Job) -> None:
+        with self.lock:
+            if job.holds_slot:
+                job.holds_slot = False
+                self.counts["queued"] -= 1
+
     def _run(self, job: Job) -> Generation:
+        self._count("running")
         try:
             if job.cancel.is_set() or self.stopping.is_set():
                 raise Cancelled
             gen = self._generate(job)
-            if job.cancel.is_set() or self.stopping.is_set():
+            if job.interrupted:
                 raise Cancelled
             self._count("done")
             return gen
@@ -162,7 +183,8 @@ class Engine:
             self._count("cancelled")
             raise
         finally:
-            self._count("queued", -1)
+            self._release(job)
+            self._count("running", -1)
 
     def _count(self, key: str, step: int = 1) -> None:
         with self.lock:
@@ -177,7 +199,7 @@ class Engine:
             seed=request.seed or 0,
         )
         stops = request.stops()
-        criteria = [cancel_check(job.cancel, self.stopping)]
+        criteria = [cancel_check(job, self.stopping)]
         if stops:
             criteria.append(completion_stop(self.tokenizer, len(ids), stops))
         from alignkit.chat import text_streamer

@@ -47,7 +47,7 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")  # clients send fields we do not use
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)

@@ -59,16 +59,22 @@ def rank_rows(
     return order[start : start + cfg.micro_batch_size]
 
 
-def next_positions(
-    state: TrainState, n_rows: int, cfg: TrainConfig, world: int
-) -> list[tuple[int, int]]:
-    """(epoch, micro-batch) pairs of the next optimizer step; an epoch's tail ends a step early."""
+def check_rows(n_rows: int, cfg: TrainConfig, world: int) -> int:
+    """Micro-batches per epoch; an error when the data cannot fill one."""
     per_epoch = micro_batches_per_epoch(n_rows, cfg, world)
     if per_epoch == 0:
         raise AlignkitError(
             f"Only {n_rows} training rows: fewer than one micro-batch of {cfg.micro_batch_size} "
             f"x {world} processes. Lower train.micro_batch_size or add data."
         )
+    return per_epoch
+
+
+def next_positions(
+    state: TrainState, n_rows: int, cfg: TrainConfig, world: int
+) -> list[tuple[int, int]]:
+    """(epoch, micro-batch) pairs of the next optimizer step; an epoch's tail ends a step early."""
+    per_epoch = check_rows(n_rows, cfg, world)
     epoch, micro = state.epoch, state.micro_batch
     if micro >= per_epoch:
         epoch, micro = epoch + 1, 0

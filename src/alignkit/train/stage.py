@@ -26,18 +26,17 @@ from alignkit.config import Recipe, TrainConfig, dump_yaml, save_recipe
 from alignkit.data.sources import load_mixture
 from alignkit.data.tokenize import tokenize_examples
 from alignkit.errors import AlignkitError
-from alignkit.models import load_model, load_tokenizer, resolve_device
+from alignkit.models import load_model, load_tokenizer, local_paths, resolve_device
 from alignkit.plots import plot_curves
 from alignkit.train.checkpoint import TrainState
-from alignkit.train.loop import LoopParts, LossFn, run_loop, total_steps
+from alignkit.train.loop import LoopParts, LossFn, check_rows, run_loop, total_steps
 
 
 def recipe_inputs(recipe: Recipe) -> list[Path]:
-    """The local files and dirs a training run reads: an output dir must hold none."""
+    """What a training run reads from disk: an output dir must hold none of it."""
     data = recipe.data
     names = [recipe.model.name_or_path, recipe.pref.ref_model, recipe.model.chat_template]
-    names += [s.path for s in data.sources + data.eval_sources]
-    return [Path(n).expanduser() for n in names if n and Path(n).expanduser().exists()]
+    return local_paths(names + [s.path for s in data.sources + data.eval_sources])
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ def plan_output_dir(recipe: Recipe, command: str) -> OutputPlan:
     Refuses to write into a non-empty dir unless told to overwrite or resume.
     """
     cfg = recipe.train
-    out = Path(cfg.output_dir) if cfg.output_dir else rundir.default_dir(command)
+    out = Path(cfg.output_dir).expanduser() if cfg.output_dir else rundir.default_dir(command)
     rundir.check_output_dir(out, recipe_inputs(recipe))
     found = rundir.checkpoints(out) if out.is_dir() else []
     if cfg.resume == "auto" and found:
@@ -66,6 +65,8 @@ def plan_output_dir(recipe: Recipe, command: str) -> OutputPlan:
             "contents move to .previous/ beside it), --resume to continue its run, or choose "
             "another --output-dir."
         )
+    if filled and cfg.overwrite:
+        rundir.check_movable(out)
     return OutputPlan(out, None, set_aside=filled and cfg.overwrite)
 
 
@@ -168,8 +169,7 @@ class StageRun:
     command: str
     recipe: Recipe
     accelerator: Any
-    out: Path
-    resume_from: Path | None
+    plan: OutputPlan
     data: StageData
     model: Any
     console: Console
@@ -177,6 +177,14 @@ class StageRun:
     @property
     def verbose(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def out(self) -> Path:
+        return self.plan.out
+
+    @property
+    def resume_from(self) -> Path | None:
+        return self.plan.resume_from
 
 
 def prepare_stage(
@@ -189,18 +197,13 @@ def prepare_stage(
     accelerator.wait_for_everyone()  # every rank has checked the dir before rank 0 writes to it
     torch.manual_seed(recipe.train.seed)
     data = load_stage_data(recipe, kinds, console, accelerator.is_main_process)
-    model = load_trainable(recipe)
-    if accelerator.is_main_process:  # data and model loaded: now the output dir is made
-        open_output_dir(plan)
-    accelerator.wait_for_everyone()
     return StageRun(
         command=command,
         recipe=recipe,
         accelerator=accelerator,
-        out=plan.out,
-        resume_from=plan.resume_from,
+        plan=plan,
         data=data,
-        model=model,
+        model=load_trainable(recipe),
         console=console,
     )
 
@@ -226,7 +229,13 @@ def train_and_save(
     scheduler: Any,
     curves: list[list[str]],
 ) -> TrainState:
-    """The loop, then the final weights, run info and curves."""
+    """The loop, then the final weights, run info and curves. The output dir is made here,
+    once every check has passed (a bad setting never leaves a dir that blocks the re-run)."""
+    acc = run.accelerator
+    check_rows(len(rows), run.recipe.train, acc.num_processes)
+    if acc.is_main_process:
+        open_output_dir(run.plan)
+    acc.wait_for_everyone()
     parts = LoopParts(
         accelerator=run.accelerator,
         model=run.model,
@@ -288,14 +297,14 @@ def save_outputs(run: StageRun, state_dict: dict[str, Any], directory: Path) -> 
 def finish(run: StageRun, state: TrainState, curves: list[list[str]]) -> None:
     """Save weights, tokenizer, recipe and run info, and plot the curves (main process).
 
-    The final files are written into a temporary dir beside the output dir and moved in
+    The final files are written into a temporary dir inside the output dir and moved in
     one by one, `run_info.json` last: a crash or a full disk never leaves a half-written
     file, and a run dir without `run_info.json` is an unfinished run (`--resume` ends it).
     """
     acc, out = run.accelerator, run.out
     state_dict = acc.get_state_dict(run.model)  # on every rank: gathers FSDP / ZeRO-3 shards
     if acc.is_main_process:
-        staged = out.with_name(f".tmp-{out.name}-final")
+        staged = out / ".tmp-final"  # inside: renames stay on out's file system
         shutil.rmtree(staged, ignore_errors=True)
         try:
             with rundir.disk_full_named(staged / rundir.RUN_INFO):
