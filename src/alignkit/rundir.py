@@ -113,9 +113,10 @@ TEMP_SUFFIX = "?" * 8  # tempfile's random part: `.tmp-<name>.` is followed by 8
 
 
 def remove_temporaries(directory: Path, name: str, keep_old: bool = False) -> None:
-    """Clear what a killed write of `name` left in `directory` (only for outputs one
-    process writes at a time): its temporaries are deleted; an `.old-` copy, the earlier
-    output caught between two renames, is deleted or with `keep_old` kept in .previous/."""
+    """Clear what a killed write of `name` (a glob pattern) left in `directory` (only for
+    outputs one process writes at a time): its temporaries are deleted; an `.old-` copy,
+    the earlier output caught between two renames, is deleted or with `keep_old` kept
+    in .previous/."""
     for stale in directory.glob(f".tmp-{name}.{TEMP_SUFFIX}"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)

@@ -85,7 +85,7 @@ def test_a_checkpoint_without_rng_files_is_a_named_error(tmp_path):
 
 def test_a_killed_save_leaves_nothing_behind_the_next_save_and_is_never_listed(tmp_path):
     model, optimizer, scheduler = small_run()
-    stale = tmp_path / ".tmp-checkpoint-2.abcd"  # killed while writing checkpoint-2
+    stale = tmp_path / ".tmp-checkpoint-2.abcd1234"  # killed while writing checkpoint-2
     stale.mkdir()
     (stale / rundir.CHECKPOINT_STATE).write_text("{}")
     assert rundir.checkpoints(tmp_path) == []

@@ -73,7 +73,8 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint-{step} atomically (temporary dir, then rename); keep the last `keep`."""
     final = rundir.checkpoint_dir(directory, state.step)
-    rundir.remove_temporaries(directory, rundir.CHECKPOINT_PREFIX)  # a killed earlier save
+    # what a save killed mid-way left, whatever its step
+    rundir.remove_temporaries(directory, f"{rundir.CHECKPOINT_PREFIX}*")
     with rundir.atomic_dir(final) as tmp:
         save_file(trainable_state(model), tmp / rundir.CHECKPOINT_WEIGHTS)
         torch.save(
