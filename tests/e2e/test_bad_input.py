@@ -87,6 +87,12 @@ def pref(*extra: str) -> Callable[[Path], list[str]]:
     ]
 
 
+def evaluate(*extra: str) -> Callable[[Path], list[str]]:
+    """`alignkit eval` of the tiny model on one offline item."""
+    base = ("eval", "{ws}/tiny", "--tasks", "arc_easy", "--limit", "1", "--offline")
+    return plain(*base, *extra)
+
+
 def plain(*argv: str) -> Callable[[Path], list[str]]:
     return lambda ws: [a.replace("{ws}", str(ws)) for a in argv]
 
@@ -718,14 +724,7 @@ OPTION_CASES = [
     ),
     Case(
         "eval-output-holds-the-model",
-        plain(
-            "eval",
-            "{ws}/tiny",
-            "--tasks",
-            "arc_easy",
-            "--limit",
-            "1",
-            "--offline",
+        evaluate(
             "--output-dir",
             "{ws}",
         ),
@@ -733,14 +732,7 @@ OPTION_CASES = [
     ),
     Case(
         "eval-results-dir-not-alignkits",
-        plain(
-            "eval",
-            "{ws}/tiny",
-            "--tasks",
-            "arc_easy",
-            "--limit",
-            "1",
-            "--offline",
+        evaluate(
             "--output-dir",
             "{ws}/evals",
         ),
@@ -751,14 +743,7 @@ OPTION_CASES = [
     ),
     Case(
         "eval-output-is-a-file",
-        plain(
-            "eval",
-            "{ws}/tiny",
-            "--tasks",
-            "arc_easy",
-            "--limit",
-            "1",
-            "--offline",
+        evaluate(
             "--output-dir",
             "{ws}/good.jsonl",
         ),

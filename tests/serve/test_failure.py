@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -114,51 +115,44 @@ def test_abandoned_requests_never_block_health(url, engine):
     wait_idle(engine, timeout=5)
 
 
-def test_a_full_queue_answers_503_with_retry_after(smol_tokenizer, engine):
-    engine.max_queue = 1
+@contextmanager
+def busy_server(engine, max_queue: int, tokens: int):
+    """A live server with a queue of `max_queue`, already running one long generation."""
+    engine.max_queue = max_queue
     try:
         with running(create_app(engine)) as base:
-            first = threading.Thread(
+            long_request = threading.Thread(
                 target=lambda: httpx.post(
-                    f"{base}/v1/chat/completions", json=long_body(100), timeout=30
+                    f"{base}/v1/chat/completions", json=long_body(tokens), timeout=30
                 )
             )
-            first.start()
+            long_request.start()
             while engine.counts["queued"] == 0:
                 time.sleep(0.02)
-            busy = httpx.post(f"{base}/v1/chat/completions", json=long_body(3), timeout=10)
-            assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
-            assert busy.json()["error"]["code"] == "server_busy"
-            assert httpx.get(f"{base}/health", timeout=2).json()["queued"] == 1
-            first.join()
+            yield base
+            long_request.join()
     finally:
         engine.max_queue = 16
     wait_idle(engine)
+
+
+def test_a_full_queue_answers_503_with_retry_after(engine):
+    with busy_server(engine, max_queue=1, tokens=100) as base:
+        busy = httpx.post(f"{base}/v1/chat/completions", json=long_body(3), timeout=10)
+        assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
+        assert busy.json()["error"]["code"] == "server_busy"
+        assert httpx.get(f"{base}/health", timeout=2).json()["queued"] == 1
 
 
 def test_requests_abandoned_in_the_queue_free_their_slots(engine):
-    engine.max_queue = 3
-    try:
-        with running(create_app(engine)) as base:
-            first = threading.Thread(
-                target=lambda: httpx.post(
-                    f"{base}/v1/chat/completions", json=long_body(150), timeout=30
-                )
-            )
-            first.start()
-            while engine.counts["queued"] == 0:
-                time.sleep(0.02)
-            for _ in range(2):  # queued behind the long one, then abandoned
-                with contextlib.suppress(httpx.TransportError):
-                    httpx.post(f"{base}/v1/chat/completions", json=long_body(3), timeout=0.5)
-            time.sleep(3 * 0.25)  # the server notices within a few polls
-            assert httpx.get(f"{base}/health").json()["queued"] == 1
-            again = httpx.post(f"{base}/v1/chat/completions", json=long_body(3), timeout=30)
-            assert again.status_code == 200  # not 503: the abandoned ones hold no slot
-            first.join()
-    finally:
-        engine.max_queue = 16
-    wait_idle(engine)
+    with busy_server(engine, max_queue=3, tokens=150) as base:
+        for _ in range(2):  # queued behind the long one, then abandoned
+            with contextlib.suppress(httpx.TransportError):
+                httpx.post(f"{base}/v1/chat/completions", json=long_body(3), timeout=0.5)
+        time.sleep(3 * 0.25)  # the server notices within a few polls
+        assert httpx.get(f"{base}/health").json()["queued"] == 1
+        again = httpx.post(f"{base}/v1/chat/completions", json=long_body(3), timeout=30)
+        assert again.status_code == 200  # not 503: the abandoned ones hold no slot
 
 
 def test_shutdown_stops_the_running_generation_and_refuses_new_ones(url, engine):

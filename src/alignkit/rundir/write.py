@@ -1,15 +1,5 @@
-"""The run directory: the one owner of its file names, its atomic writes and its readers.
-
-Nothing else in alignkit spells an output file name. Every file or directory a command
-leaves behind is written beside its final path under a temporary name and renamed into
-place, so a reader, or a crash, sees the old version or the whole new one, never half.
-
-A training output dir holds the weights (adapter or full), the tokenizer, `CONFIG`,
-`METRICS`, `RUN_INFO`, `CURVES` and `checkpoint-<step>/` dirs; an eval output dir holds
-one `<model>/RESULTS` (plus `<model>/SAMPLES/`) per model and the `TABLE` and `CHART`;
-a workflow run dir holds one such dir per stage, `RECIPE`, `SUMMARY`, `STATE_DIR/` and
-`PREVIOUS/`.
-"""
+"""Writing outputs so a reader, or a crash, never sees half of one: temporaries beside
+the target renamed into place, earlier outputs kept aside, a full disk named."""
 
 from __future__ import annotations
 
@@ -25,66 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignkit.errors import AlignkitError
-
-ROOT = "runs"  # default parent of every command's output dir
-
-# training outputs
-CONFIG = "config.yaml"
-METRICS = "metrics.jsonl"
-RUN_INFO = "run_info.json"
-CURVES = "training_curves.png"
-TENSORBOARD = "tensorboard"
-MERGE_INFO = "merge_info.json"
-CARD = "README.md"
-
-# checkpoints
-CHECKPOINT_PREFIX = "checkpoint-"
-CHECKPOINT_WEIGHTS = "trainable.safetensors"
-CHECKPOINT_OPTIMIZER = "optimizer.pt"
-CHECKPOINT_RNG_STATE = "rng.json"
-CHECKPOINT_RNG_TENSORS = "rng.safetensors"
-CHECKPOINT_STATE = "state.json"
-
-# eval outputs
-RESULTS = "results.json"
-SAMPLES = "samples"
-TABLE = "comparison.md"
-CHART = "comparison.png"
-
-# workflow run dirs
-RECIPE = "recipe.yaml"
-SUMMARY = "summary.md"
-STATE_DIR = ".state"
-PREVIOUS = ".previous"
-
-# what travels from an adapter run into the merged model made from it
-TRAINING_RECORD = (CONFIG, METRICS, RUN_INFO, CURVES)
-
-
-def default_dir(command: str) -> Path:
-    """Where a command writes when no output dir is given: runs/<command>."""
-    return Path(ROOT) / command
-
-
-def checkpoint_dir(directory: Path, step: int) -> Path:
-    return directory / f"{CHECKPOINT_PREFIX}{step}"
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.removeprefix(CHECKPOINT_PREFIX))
-
-
-def checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary dirs are never listed)."""
-    found = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if (p / CHECKPOINT_STATE).is_file()]
-    return sorted(found, key=checkpoint_step)
-
-
-def state_file(run_dir: Path, stage_id: str) -> Path:
-    return run_dir / STATE_DIR / f"{stage_id}.json"
-
-
-# ---------------------------------------------------------------- atomic writes
+from alignkit.rundir.names import PREVIOUS
 
 
 def _process_umask() -> int:
@@ -194,7 +125,7 @@ def is_disk_full(exc: BaseException, where: Path) -> bool:
     if "No space left on device" in str(exc) or "os error 28" in str(exc):
         return True  # a writer in another language (safetensors' Rust) names it in text
     try:
-        return shutil.disk_usage(_nearest_existing(where)).free < MIN_FREE_BYTES
+        return shutil.disk_usage(nearest_existing(where)).free < MIN_FREE_BYTES
     except OSError:
         return False
 
@@ -268,72 +199,11 @@ def set_aside(path: Path) -> Path | None:
     return target
 
 
-# ---------------------------------------------------------------- output checks
-
-
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
     path = path.absolute()
     while not path.exists():
         path = path.parent
     return path
-
-
-def check_output_dir(out: Path, inputs: list[Path]) -> None:
-    """Before any work: `out` is (or can become) a writable directory holding no input."""
-    if out.is_symlink() and not out.exists():
-        raise AlignkitError(
-            f"Output '{out}' is a symbolic link to nothing ('{os.readlink(out)}'). Remove it "
-            "or choose another output directory."
-        )
-    if out.exists() and not out.is_dir():
-        raise AlignkitError(
-            f"Output '{out}' is a file, not a directory. Choose another output directory."
-        )
-    for item in inputs:
-        resolved = item.resolve()
-        if resolved == out.resolve() or out.resolve() in resolved.parents:
-            raise AlignkitError(
-                f"Output directory '{out}' holds '{item}', an input of this command (model, "
-                "adapter or data); writing there could destroy it. Choose another output "
-                "directory."
-            )
-    base = _nearest_existing(out)
-    if not base.is_dir():
-        raise AlignkitError(
-            f"Output directory '{out}' would be inside '{base}', which is a file. Choose "
-            "another output directory."
-        )
-    problem = _unwritable(base, probe=base != out.absolute())
-    if problem:
-        raise AlignkitError(
-            f"Cannot write the output directory '{out}': '{base}' is not writable "
-            f"({problem}). Choose another output directory."
-        )
-
-
-def check_movable(path: Path) -> None:
-    """`path` can be moved aside or replaced whole: not the working dir, not a mount point."""
-    if path.resolve() == Path.cwd().resolve() or os.path.ismount(path):
-        what = "the current directory" if not os.path.ismount(path) else "a mount point"
-        raise AlignkitError(
-            f"'{path}' is {what}, so it cannot be moved aside or replaced. Choose a new "
-            "directory (inside it, for instance) as the output."
-        )
-
-
-def _unwritable(directory: Path, probe: bool) -> str | None:
-    """Why files cannot be made in `directory` (None when they can). An existing output
-    dir is only inspected; an ancestor is probed with a directory made and removed."""
-    if os.statvfs(directory).f_flag & os.ST_RDONLY:
-        return "read-only file system"
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return "permission denied"
-    if probe:
-        try:
-            shutil.rmtree(tempfile.mkdtemp(prefix=".alignkit-write-test-", dir=directory))
-        except OSError as exc:
-            return exc.strerror
-    return None
 
 
 def _rename_unless_there(tmp: Path, path: Path) -> None:
@@ -363,71 +233,3 @@ def write_text(path: Path, text: str) -> Path:
 def write_json(path: Path, data: Any) -> Path:
     """Indented JSON, written atomically."""
     return write_text(path, json.dumps(data, indent=2, default=str))
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The records of a metrics.jsonl (a missing file has none)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def metric_values(records: list[dict[str, float]], key: str) -> list[float]:
-    """Every logged value of one metric, in step order."""
-    return [r[key] for r in records if key in r]
-
-
-def last_value(records: list[dict[str, float]], key: str) -> float | None:
-    values = metric_values(records, key)
-    return values[-1] if values else None
-
-
-def first_last(records: list[dict[str, float]], key: str) -> tuple[float, float] | None:
-    """The first and last logged value of one metric (None when it was never logged)."""
-    values = metric_values(records, key)
-    return (values[0], values[-1]) if values else None
-
-
-# ---------------------------------------------------------------- eval results
-
-
-def results_files(paths: list[Path], expand: bool = True) -> list[Path]:
-    """results.json files: a file as given, a dir's own, or (with `expand`) those of its
-    model subdirs, in name order."""
-    found: list[Path] = []
-    for path in paths:
-        if path.is_file():
-            found.append(path)
-        elif (path / RESULTS).is_file():
-            found.append(path / RESULTS)
-        elif expand and path.is_dir() and (subs := sorted(path.glob(f"*/{RESULTS}"))):
-            found.extend(subs)
-        else:
-            raise AlignkitError(
-                f"No eval results at '{path}': pass a {RESULTS}, a model's eval dir, or the "
-                "--output-dir of an `alignkit eval` run."
-            )
-    return found
-
-
-def load_results(paths: list[Path], expand: bool = True) -> list[dict[str, Any]]:
-    """The `alignkit eval` results behind `paths` (see `results_files`), checked."""
-    results = []
-    for file in results_files(paths, expand):
-        try:
-            data = read_json(file)
-        except json.JSONDecodeError as exc:
-            raise AlignkitError(
-                f"'{file}' is not valid JSON ({exc}); re-run alignkit eval."
-            ) from None
-        if not isinstance(data, dict) or "summary" not in data or "model" not in data:
-            raise AlignkitError(f"'{file}' is not an alignkit eval {RESULTS} (no summary/model).")
-        results.append(data)
-    return results

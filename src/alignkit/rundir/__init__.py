@@ -1,0 +1,132 @@
+"""The run directory: the one owner of its file names, its atomic writes and its readers.
+
+Nothing else in alignkit spells an output file name. Every file or directory a command
+leaves behind is written beside its final path under a temporary name and renamed into
+place, so a reader, or a crash, sees the old version or the whole new one, never half.
+
+A training output dir holds the weights (adapter or full), the tokenizer, `CONFIG`,
+`METRICS`, `RUN_INFO`, `CURVES` and `checkpoint-<step>/` dirs; an eval output dir holds
+one `<model>/RESULTS` (plus `<model>/SAMPLES/`) per model and the `TABLE` and `CHART`;
+a workflow run dir holds one such dir per stage, `RECIPE`, `SUMMARY`, `STATE_DIR/` and
+`PREVIOUS/`.
+"""
+
+from __future__ import annotations
+
+from alignkit.rundir.check import (
+    check_movable,
+    check_output_dir,
+)
+from alignkit.rundir.names import (
+    CARD,
+    CHART,
+    CHECKPOINT_OPTIMIZER,
+    CHECKPOINT_PREFIX,
+    CHECKPOINT_RNG_STATE,
+    CHECKPOINT_RNG_TENSORS,
+    CHECKPOINT_STATE,
+    CHECKPOINT_WEIGHTS,
+    CONFIG,
+    CURVES,
+    MERGE_INFO,
+    METRICS,
+    PREVIOUS,
+    RECIPE,
+    RESULTS,
+    ROOT,
+    RUN_INFO,
+    SAMPLES,
+    STATE_DIR,
+    SUMMARY,
+    TABLE,
+    TENSORBOARD,
+    TRAINING_RECORD,
+    checkpoint_dir,
+    checkpoint_step,
+    checkpoints,
+    default_dir,
+    state_file,
+)
+from alignkit.rundir.read import (
+    first_last,
+    last_value,
+    load_results,
+    metric_values,
+    read_json,
+    read_metrics,
+    results_files,
+)
+from alignkit.rundir.write import (
+    MIN_FREE_BYTES,
+    TEMP_SUFFIX,
+    UMASK,
+    DiskFull,
+    atomic_dir,
+    atomic_file,
+    disk_full_error,
+    disk_full_named,
+    is_disk_full,
+    nearest_existing,
+    previous_path,
+    publish,
+    remove_temporaries,
+    set_aside,
+    write_json,
+    write_text,
+)
+
+__all__ = [
+    "CARD",
+    "CHART",
+    "CHECKPOINT_OPTIMIZER",
+    "CHECKPOINT_PREFIX",
+    "CHECKPOINT_RNG_STATE",
+    "CHECKPOINT_RNG_TENSORS",
+    "CHECKPOINT_STATE",
+    "CHECKPOINT_WEIGHTS",
+    "CONFIG",
+    "CURVES",
+    "DiskFull",
+    "MERGE_INFO",
+    "METRICS",
+    "MIN_FREE_BYTES",
+    "PREVIOUS",
+    "RECIPE",
+    "RESULTS",
+    "ROOT",
+    "RUN_INFO",
+    "SAMPLES",
+    "STATE_DIR",
+    "SUMMARY",
+    "TABLE",
+    "TEMP_SUFFIX",
+    "TENSORBOARD",
+    "TRAINING_RECORD",
+    "UMASK",
+    "atomic_dir",
+    "atomic_file",
+    "check_movable",
+    "check_output_dir",
+    "checkpoint_dir",
+    "checkpoint_step",
+    "checkpoints",
+    "default_dir",
+    "disk_full_error",
+    "disk_full_named",
+    "first_last",
+    "is_disk_full",
+    "last_value",
+    "load_results",
+    "metric_values",
+    "nearest_existing",
+    "previous_path",
+    "publish",
+    "read_json",
+    "read_metrics",
+    "remove_temporaries",
+    "results_files",
+    "set_aside",
+    "state_file",
+    "write_json",
+    "write_text",
+]

@@ -1,0 +1,62 @@
+"""The run directory's file names and the paths built from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = "runs"  # default parent of every command's output dir
+
+# training outputs
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+RUN_INFO = "run_info.json"
+CURVES = "training_curves.png"
+TENSORBOARD = "tensorboard"
+MERGE_INFO = "merge_info.json"
+CARD = "README.md"
+
+# checkpoints
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_WEIGHTS = "trainable.safetensors"
+CHECKPOINT_OPTIMIZER = "optimizer.pt"
+CHECKPOINT_RNG_STATE = "rng.json"
+CHECKPOINT_RNG_TENSORS = "rng.safetensors"
+CHECKPOINT_STATE = "state.json"
+
+# eval outputs
+RESULTS = "results.json"
+SAMPLES = "samples"
+TABLE = "comparison.md"
+CHART = "comparison.png"
+
+# workflow run dirs
+RECIPE = "recipe.yaml"
+SUMMARY = "summary.md"
+STATE_DIR = ".state"
+PREVIOUS = ".previous"
+
+# what travels from an adapter run into the merged model made from it
+TRAINING_RECORD = (CONFIG, METRICS, RUN_INFO, CURVES)
+
+
+def default_dir(command: str) -> Path:
+    """Where a command writes when no output dir is given: runs/<command>."""
+    return Path(ROOT) / command
+
+
+def checkpoint_dir(directory: Path, step: int) -> Path:
+    return directory / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary dirs are never listed)."""
+    found = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if (p / CHECKPOINT_STATE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def state_file(run_dir: Path, stage_id: str) -> Path:
+    return run_dir / STATE_DIR / f"{stage_id}.json"

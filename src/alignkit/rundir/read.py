@@ -1,0 +1,75 @@
+"""Reading what runs wrote: JSON, metrics, eval results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from alignkit.errors import AlignkitError
+from alignkit.rundir.names import RESULTS
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The records of a metrics.jsonl (a missing file has none)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metric_values(records: list[dict[str, float]], key: str) -> list[float]:
+    """Every logged value of one metric, in step order."""
+    return [r[key] for r in records if key in r]
+
+
+def last_value(records: list[dict[str, float]], key: str) -> float | None:
+    values = metric_values(records, key)
+    return values[-1] if values else None
+
+
+def first_last(records: list[dict[str, float]], key: str) -> tuple[float, float] | None:
+    """The first and last logged value of one metric (None when it was never logged)."""
+    values = metric_values(records, key)
+    return (values[0], values[-1]) if values else None
+
+
+# ---------------------------------------------------------------- eval results
+
+
+def results_files(paths: list[Path], expand: bool = True) -> list[Path]:
+    """results.json files: a file as given, a dir's own, or (with `expand`) those of its
+    model subdirs, in name order."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_file():
+            found.append(path)
+        elif (path / RESULTS).is_file():
+            found.append(path / RESULTS)
+        elif expand and path.is_dir() and (subs := sorted(path.glob(f"*/{RESULTS}"))):
+            found.extend(subs)
+        else:
+            raise AlignkitError(
+                f"No eval results at '{path}': pass a {RESULTS}, a model's eval dir, or the "
+                "--output-dir of an `alignkit eval` run."
+            )
+    return found
+
+
+def load_results(paths: list[Path], expand: bool = True) -> list[dict[str, Any]]:
+    """The `alignkit eval` results behind `paths` (see `results_files`), checked."""
+    results = []
+    for file in results_files(paths, expand):
+        try:
+            data = read_json(file)
+        except json.JSONDecodeError as exc:
+            raise AlignkitError(
+                f"'{file}' is not valid JSON ({exc}); re-run alignkit eval."
+            ) from None
+        if not isinstance(data, dict) or "summary" not in data or "model" not in data:
+            raise AlignkitError(f"'{file}' is not an alignkit eval {RESULTS} (no summary/model).")
+        results.append(data)
+    return results
