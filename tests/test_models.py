@@ -136,3 +136,14 @@ def test_copied_tokenizer_dir_keeps_chat_template(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, copy)
     tok = models.load_tokenizer(ModelConfig(name_or_path=str(copy)))
     assert "<|im_start|>" in tok.chat_template
+
+
+def test_local_paths_hold_an_adapter_and_only_a_local_base(tiny_model_dir, tmp_path):
+    local = tmp_path / "local-base"
+    local.mkdir()
+    (local / "adapter_config.json").write_text(f'{{"base_model_name_or_path": "{tiny_model_dir}"}}')
+    hub = tmp_path / "hub-base"
+    hub.mkdir()
+    (hub / "adapter_config.json").write_text('{"base_model_name_or_path": "org/model"}')
+    assert models.local_paths([str(local)]) == [tiny_model_dir, local]
+    assert models.local_paths([str(hub), None, "org/other"]) == [hub]

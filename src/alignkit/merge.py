@@ -15,7 +15,7 @@ import torch
 from alignkit import rundir
 from alignkit.config import ModelConfig
 from alignkit.errors import AlignkitError
-from alignkit.models import load_model, load_tokenizer, resolve, resolve_dtype
+from alignkit.models import load_model, load_tokenizer, local_paths, resolve, resolve_dtype
 
 
 def check_merge_paths(adapter_dir: str, out: Path, overwrite: bool) -> str:
@@ -26,8 +26,7 @@ def check_merge_paths(adapter_dir: str, out: Path, overwrite: bool) -> str:
             f"'{adapter_dir}' holds no adapter_config.json: it is not a LoRA adapter dir, so "
             "there is nothing to merge (a full-weight run's output is already a plain model)."
         )
-    inputs = [Path(p) for p in (adapter_dir, resolved.path) if Path(p).exists()]
-    rundir.check_output_dir(out, inputs)
+    rundir.check_output_dir(out, local_paths([adapter_dir]))
     if out.exists():
         rundir.check_movable(out)  # the merged model replaces it whole
     if out.exists() and any(out.iterdir()) and not overwrite:

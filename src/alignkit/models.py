@@ -290,10 +290,9 @@ def local_paths(names: list[str | None]) -> list[Path]:
     for name in filter(None, names):
         path = Path(name).expanduser()
         if path.is_dir() and (path / "adapter_config.json").is_file():
-            found.append(Path(resolve(name).path))
-        if path.exists():
-            found.append(path)
-    return found
+            found.append(Path(resolve(name).path))  # a hub-id base is no local path: dropped
+        found.append(path)
+    return [p for p in found if p.exists()]
 
 
 def is_local_model(name: str) -> bool:

@@ -46,8 +46,10 @@ def check_output_dir(out: Path, inputs: list[Path]) -> None:
 
 def check_movable(path: Path) -> None:
     """`path` can be moved aside or replaced whole: not the working dir, not a mount point."""
-    if path.resolve() == Path.cwd().resolve() or os.path.ismount(path):
-        what = "the current directory" if not os.path.ismount(path) else "a mount point"
+    what = "a mount point" if os.path.ismount(path) else None
+    if path.resolve() == Path.cwd().resolve():
+        what = "the current directory"
+    if what:
         raise AlignkitError(
             f"'{path}' is {what}, so it cannot be moved aside or replaced. Choose a new "
             "directory (inside it, for instance) as the output."

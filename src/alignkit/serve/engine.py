@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from alignkit.chat import text_streamer
 from alignkit.chat_templates import ChatTemplate
 from alignkit.config import GenerationConfig
 from alignkit.generate import generate_ids, prompt_ids, stop_token_ids
@@ -202,8 +203,6 @@ class Engine:
         criteria = [cancel_check(job, self.stopping)]
         if stops:
             criteria.append(completion_stop(self.tokenizer, len(ids), stops))
-        from alignkit.chat import text_streamer
-
         streamer = text_streamer(self.tokenizer, job.on_text) if job.on_text else None
         out = generate_ids(self.model, self.tokenizer, self.template, ids, cfg, streamer, criteria)
         text, stopped = cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), stops)

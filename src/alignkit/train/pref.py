@@ -212,12 +212,12 @@ def pref_loss_sums(run: StageRun, names: list[str], weights: list[float], ref_mo
 def pref_batcher(run: StageRun, feedback: bool) -> Callable[[list[Any]], SequenceBatch]:
     pad_id = run.data.tokenizer.pad_token_id
     if feedback:
-        cfg = run.recipe
+        recipe = run.recipe
         return partial(
             feedback_batch,
             pad_id=pad_id,
-            max_length=cfg.data.max_length,
-            flat=cfg.train.padding_free,
+            max_length=recipe.data.max_length,
+            flat=recipe.train.padding_free,
         )
     return pair_batcher(run.recipe, pad_id)
 
