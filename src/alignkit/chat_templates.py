@@ -81,6 +81,7 @@ class ChatTemplate:
     name: str
     source: str
     end_of_turn: str
+    added_tokens: tuple[str, ...] = ()  # special tokens added to the tokenizer for it
 
 
 def resolve_template(spec: str | None, tokenizer: Any) -> ChatTemplate:
@@ -89,6 +90,7 @@ def resolve_template(spec: str | None, tokenizer: Any) -> ChatTemplate:
     The `chatml` built-in also registers its markers as special tokens when the
     tokenizer lacks them, so `<|im_end|>` is one token the model can learn to emit.
     """
+    added: list[str] = []
     if spec in (None, "", "auto"):
         source = getattr(tokenizer, "chat_template", None)
         if not source:
@@ -100,7 +102,7 @@ def resolve_template(spec: str | None, tokenizer: Any) -> ChatTemplate:
     elif spec in BUILTIN_TEMPLATES:
         source, name = BUILTIN_TEMPLATES[spec], spec
         if spec == "chatml":
-            _ensure_special_tokens(tokenizer, ["<|im_start|>", "<|im_end|>"])
+            added = _ensure_special_tokens(tokenizer, ["<|im_start|>", "<|im_end|>"])
     elif str(spec).endswith(".jinja"):
         path = Path(spec)
         if not path.is_file():
@@ -111,14 +113,22 @@ def resolve_template(spec: str | None, tokenizer: Any) -> ChatTemplate:
             f"Unknown chat template '{spec}'. Use one of {', '.join(BUILTIN_TEMPLATES)}, "
             "a path to a .jinja file, or leave it empty for the tokenizer's own."
         )
-    return ChatTemplate(name=name, source=source, end_of_turn=_find_end_of_turn(source, tokenizer))
+    return ChatTemplate(
+        name=name,
+        source=source,
+        end_of_turn=_find_end_of_turn(source, tokenizer),
+        added_tokens=tuple(added),
+    )
 
 
-def _ensure_special_tokens(tokenizer: Any, tokens: list[str]) -> None:
+def _ensure_special_tokens(tokenizer: Any, tokens: list[str]) -> list[str]:
+    """Add the `tokens` the tokenizer lacks as special tokens; returns those added (the
+    model's embeddings must grow and train them: see alignkit.models.NewTokens)."""
     vocab = tokenizer.get_vocab()
     missing = [t for t in tokens if t not in vocab]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    return missing
 
 
 def render(

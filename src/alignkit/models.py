@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,10 +213,26 @@ def qlora_config() -> Any:
     )
 
 
-def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: bool = False) -> Any:
+@dataclass(frozen=True)
+class NewTokens:
+    """Token ids the chat template added to the tokenizer, and the tokenizer's length: the
+    model's embeddings grow to that length and, under LoRA, those rows are trained."""
+
+    ids: tuple[int, ...] = ()
+    vocab: int = 0
+
+
+def load_model(
+    cfg: ModelConfig,
+    lora: LoraConfig | None = None,
+    trainable: bool = False,
+    new_tokens: NewTokens = NewTokens(),
+    say: Callable[[str], None] = print,
+) -> Any:
     """Load a causal LM on its device; wrap in a fresh LoRA adapter when training one.
 
-    An adapter directory loads its base plus the saved adapter (trainable when asked).
+    An adapter directory loads its base plus the saved adapter (trainable when asked),
+    the base's embeddings grown to the adapter's tokenizer first.
     """
     from transformers import AutoModelForCausalLM
 
@@ -233,18 +250,57 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: bool
     if cfg.adapter != "qlora":
         model.to(device)
     if resolved.adapter:
-        from peft import PeftModel
-
-        try:
-            return PeftModel.from_pretrained(model, resolved.adapter, is_trainable=trainable)
-        except Exception as exc:  # noqa: BLE001 - a local adapter dir that fails is damaged
-            raise _damaged_error(resolved.adapter, exc) from None
+        return load_adapter(model, resolved, trainable)
+    grow_embeddings(model, new_tokens.vocab)
     if trainable and cfg.adapter in ("lora", "qlora"):
-        return add_lora(model, lora or LoraConfig(), quantized=cfg.adapter == "qlora")
+        return add_lora(model, lora or LoraConfig(), cfg.adapter == "qlora", new_tokens.ids, say)
     return model
 
 
-def add_lora(model: Any, cfg: LoraConfig, quantized: bool = False) -> Any:
+def grow_embeddings(model: Any, vocab: int) -> None:
+    """Give the model an embedding row for every token id below `vocab` (new rows start
+    at the mean of the old ones, as transformers does)."""
+    if vocab > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab)
+
+
+def load_adapter(model: Any, resolved: ResolvedModel, trainable: bool) -> Any:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    if resolved.tokenizer_path:  # an adapter trained with added tokens needs their rows
+        grow_embeddings(model, len(_from_pretrained(AutoTokenizer, resolved.tokenizer_path)))
+    try:
+        return PeftModel.from_pretrained(model, resolved.adapter, is_trainable=trainable)
+    except Exception as exc:  # noqa: BLE001 - a local adapter dir that fails is damaged
+        raise _damaged_error(resolved.adapter, exc) from None
+
+
+def has_fused_experts(model: Any) -> bool:
+    """Whether the model keeps MoE experts as 3-D weights (peft wraps them without dropout)."""
+    return any(p.dim() == 3 for p in model.parameters())
+
+
+def token_targets(model: Any, ids: tuple[int, ...]) -> dict[str, list[int]] | None:
+    """peft's trainable-token targets for `ids`: the input embeddings, and an untied
+    output layer too (so the model can learn to emit them)."""
+    if not ids:
+        return None
+    names = {module: name for name, module in model.named_modules()}
+    targets = {names[model.get_input_embeddings()].rsplit(".", 1)[-1]: list(ids)}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        targets[names[head].rsplit(".", 1)[-1]] = list(ids)
+    return targets
+
+
+def add_lora(
+    model: Any,
+    cfg: LoraConfig,
+    quantized: bool = False,
+    new_tokens: tuple[int, ...] = (),
+    say: Callable[[str], None] = print,
+) -> Any:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -255,11 +311,19 @@ def add_lora(model: Any, cfg: LoraConfig, quantized: bool = False) -> Any:
         targets = "all-linear"
     else:
         check_lora_targets(model, targets)
+    dropout = cfg.dropout
+    if dropout and has_fused_experts(model):
+        dropout = 0.0
+        say(
+            f"lora.dropout {cfg.dropout} -> 0: peft applies no dropout to the fused expert "
+            "weights of this mixture-of-experts model"
+        )
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
+        lora_dropout=dropout,
         target_modules=targets,
+        trainable_token_indices=token_targets(model, new_tokens),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)

@@ -11,13 +11,12 @@ import pytest
 import torch
 from support import make_tiny_llama
 
-from alignkit.config import LoraConfig, ModelConfig
+from alignkit.config import LoraConfig, ModelConfig, TrainConfig
 from alignkit.data.batching import (
     IGNORE,
     feedback_batch,
     flat_batch,
     pack_rows,
-    packed_batch,
     pad_batch,
     pair_batch,
 )
@@ -25,7 +24,7 @@ from alignkit.data.tokenize import TokenizedExample, TokenizedFeedback, Tokenize
 from alignkit.losses.preference import LossParams, PairLogps, combined_loss
 from alignkit.models import load_model
 from alignkit.train.logps import chunked_logps, sequence_logps
-from alignkit.train.sft import sft_loss_sums
+from alignkit.train.sft import sft_batcher, sft_loss_sums
 
 TOL = 1e-5
 
@@ -162,7 +161,7 @@ def test_padding_free_sft_gives_the_plain_loss_and_gradients(tiny_model_dir, chu
 
     plain = loss_and_grads(model, lambda: mean_loss(pad_batch(examples, 0), 0))
     assert_same(plain, loss_and_grads(model, lambda: mean_loss(flat_batch(examples), chunk)))
-    packed = packed_batch(pack_rows(examples, 20), 0)  # block-diagonal mask, full logits
+    packed = sft_batcher(TrainConfig(packing=True), 0)(pack_rows(examples, 20))
     assert_same(plain, loss_and_grads(model, lambda: mean_loss(packed, chunk)))
 
 

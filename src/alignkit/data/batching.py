@@ -1,9 +1,9 @@
-"""Tokenized SFT examples -> padded or packed tensor batches.
+"""Tokenized examples -> padded rows, or padding-free rows whose blocks keep attention
+inside each sequence (see alignkit.train.attention).
 
 Labels are -100 on untrained tokens and on the first token of every example, so no
-example is ever predicted from another one's last token (packed) or from padding.
-A packed row carries restarting position ids and a block-diagonal causal mask
-(additive float, honoured by the eager and sdpa attention of transformers).
+example is ever predicted from another one's last token (padding-free, packed) or from
+padding. Packed bins of examples run as padding-free rows.
 """
 
 from __future__ import annotations
@@ -103,41 +103,6 @@ def pack_rows(examples: list[TokenizedExample], max_length: int) -> list[list[To
             rows[slot].append(example)
             room[slot] -= n
     return rows
-
-
-def block_causal_mask(
-    sequence_ids: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """[B, 1, T, T] additive mask: a token sees earlier tokens of its own sequence only.
-    Padding has sequence id -1 and sees only itself (its outputs are never used)."""
-    width = sequence_ids.shape[1]
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
-    allowed = (causal & same) | torch.eye(width, dtype=torch.bool)
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[
-        :, None
-    ]
-
-
-def packed_batch(
-    rows: list[list[TokenizedExample]], pad_id: int, dtype: torch.dtype = torch.float32
-) -> Batch:
-    width = max(sum(len(e.input_ids) for e in row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    sequence = torch.full((len(rows), width), -1, dtype=torch.long)
-    for r, row in enumerate(rows):
-        start = 0
-        for k, example in enumerate(row):
-            n = len(example.input_ids)
-            ids[r, start : start + n] = torch.tensor(example.input_ids)
-            labels[r, start : start + n] = torch.tensor(example_labels(example))
-            positions[r, start : start + n] = torch.arange(n)
-            sequence[r, start : start + n] = k
-            start += n
-    tokens = sum(len(e.input_ids) for row in rows for e in row)
-    return Batch(ids, labels, block_causal_mask(sequence, dtype), positions, tokens)
 
 
 # ---------------------------------------------------------------- preference batches

@@ -42,14 +42,11 @@ def block_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1:
         raise AlignkitError("block attention needs the batch flattened into one row.")
-    window = kwargs.get("sliding_window")
-    if window and max(b.end - b.start for b in alignkit_blocks) > window:
-        raise AlignkitError(
-            f"A sequence is longer than the model's sliding window ({window}); set "
-            "train.padding_free=false for this model."
-        )
+    window = kwargs.get("sliding_window") or None
     outputs = [
-        out for b in alignkit_blocks for out in block_outputs(module, query, key, value, b, kwargs)
+        out
+        for b in alignkit_blocks
+        for out in block_outputs(module, query, key, value, b, window, kwargs)
     ]
     return torch.cat(outputs, dim=1), None
 
@@ -60,6 +57,7 @@ def block_outputs(
     key: torch.Tensor,
     value: torch.Tensor,
     b: Block,
+    window: int | None,
     kwargs: dict[str, Any],
 ) -> list[torch.Tensor]:
     """Attention outputs of one block, in row order.
@@ -67,6 +65,7 @@ def block_outputs(
     A two-branch block takes a causal call for [shared | first] and a masked call of the
     second branch against [shared | second], instead of one masked call over the whole
     block: with a mask SDPA computes every query-key product, with the causal flag half.
+    A sliding `window` shorter than a call's keys adds its band to the mask.
     """
 
     def gather(t: torch.Tensor, spans: list[slice]) -> torch.Tensor:
@@ -79,10 +78,39 @@ def block_outputs(
         )[0]
 
     if b.second is None:
-        return [attend(slice(b.start, b.end), [slice(b.start, b.end)], None)]
+        n = b.end - b.start
+        return [attend(slice(b.start, b.end), [slice(b.start, b.end)], causal_window(n, window))]
     head, tail = slice(b.start, b.second), slice(b.second, b.end)
     shared = slice(b.start, b.start + b.shared)
-    return [attend(head, [head], None), attend(tail, [shared, tail], b.tail_mask)]
+    mask = b.tail_mask
+    if window is not None and b.end - b.second + b.shared > window:
+        mask = mask & branch_window(b.shared, b.end - b.second, window).to(mask.device)
+    return [
+        attend(head, [head], causal_window(b.second - b.start, window)),
+        attend(tail, [shared, tail], mask),
+    ]
+
+
+def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """[q, k] bool: key positions within `window` of each query position, earlier or equal
+    (transformers' sliding window: kv > q - window)."""
+    return (k_pos[None, :] > q_pos[:, None] - window) & (k_pos[None, :] <= q_pos[:, None])
+
+
+def causal_window(n: int, window: int | None) -> torch.Tensor | None:
+    """The mask of a causal call over `n` tokens: None (the causal flag) unless a sliding
+    window shorter than `n` cuts it."""
+    if window is None or n <= window:
+        return None
+    positions = torch.arange(n)
+    return in_window(positions, positions, window)
+
+
+def branch_window(shared: int, second: int, window: int) -> torch.Tensor:
+    """[second, shared + second] window band of a second branch whose positions continue
+    from the shared part's end, against [shared | second] keys."""
+    queries = torch.arange(shared, shared + second)
+    return in_window(queries, torch.cat([torch.arange(shared), queries]), window)
 
 
 AttentionInterface.register(BLOCKS, block_attention_forward)
@@ -100,3 +128,63 @@ def use_block_attention(model: Any) -> None:
     backward and must take the same path. The setting is not saved with the model.
     """
     model.config._attn_implementation = BLOCKS
+
+
+# Model types whose padding-free rows give the padded rows' log-probs and gradients, proved
+# on tiny random models in tests/train/test_families.py (any other type keeps padded rows).
+VERIFIED_FAMILIES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "gemma",
+        "gemma3_text",
+        "phi",
+        "phi3",
+        "olmo2",
+        "granite",
+        "cohere",
+        "starcoder2",
+        "gpt_neox",
+        "gpt2",
+        "deepseek_v3",
+    }
+)
+ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
+
+
+def unwrap(model: Any) -> Any:
+    """The model under DDP-style wrappers (PEFT models are kept: they forward attributes)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under DDP-style and PEFT wrappers."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def padding_free_problem(model: Any) -> str | None:
+    """Why block attention would not reproduce this model's own attention, or None."""
+    inner = base_model(model)
+    config = inner.config
+    others = sorted(set(getattr(config, "layer_types", None) or []) - ATTENTION_LAYERS)
+    if others:
+        return f"its {', '.join(others)} layers carry state from one sequence into the next"
+    if not getattr(inner, "_supports_attention_backend", False):
+        return "its attention does not go through transformers' attention interface"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "it soft-caps attention logits, which SDPA cannot"
+    if any(name.endswith("sinks") for name, _ in inner.named_parameters()):
+        return "its attention sinks have no SDPA equivalent"
+    if config._attn_implementation not in ("sdpa", BLOCKS):
+        return f"it runs '{config._attn_implementation}' attention, not SDPA"
+    if config.model_type not in VERIFIED_FAMILIES:
+        return f"the padding-free path is not verified for '{config.model_type}' models"
+    return None

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.data.batching import IGNORE, Batch, SequenceBatch
-from alignkit.train.attention import UNMASKED, use_block_attention
+from alignkit.train.attention import UNMASKED, unwrap, use_block_attention
 
 # config attributes that change logits after the head: those models keep the plain path
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -30,13 +30,6 @@ def first_scored(labels: torch.Tensor) -> int:
     """The earliest position holding a scored label (at least 1: position 0 has no predictor)."""
     scored = (labels != IGNORE).any(dim=0).nonzero()
     return max(1, int(scored[0])) if len(scored) else labels.shape[1] - 1
-
-
-def unwrap(model: Any) -> Any:
-    """The model under DDP-style wrappers (PEFT models are kept: they forward attributes)."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
 
 
 def linear_head(model: Any) -> torch.nn.Linear | None:

@@ -41,7 +41,15 @@ from alignkit.train.reference import (
     model_fingerprint,
     reference_scorer,
 )
-from alignkit.train.stage import StageRun, prepare_optimizer, prepare_stage, train_and_save
+from alignkit.train.stage import (
+    StageData,
+    StageRun,
+    keep_exact_layout,
+    new_tokens,
+    prepare_optimizer,
+    prepare_stage,
+    train_and_save,
+)
 
 LossSums = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 CURVES = [
@@ -114,10 +122,12 @@ def disable_dropout(model: Any) -> None:
             module.p = 0.0
 
 
-def load_reference(recipe: Recipe) -> Any:
-    """A frozen full model: `pref.ref_model`, else a second copy of the starting model."""
+def load_reference(recipe: Recipe, data: StageData) -> Any:
+    """A frozen full model: `pref.ref_model`, else a second copy of the starting model
+    (its embeddings grown like the policy's for the template's added tokens)."""
     name = recipe.pref.ref_model or recipe.model.name_or_path
-    model = load_model(replace(recipe.model, name_or_path=name, adapter="none"))
+    cfg = replace(recipe.model, name_or_path=name, adapter="none")
+    model = load_model(cfg, new_tokens=replace(new_tokens(data), ids=()))
     model.eval().requires_grad_(False)
     return model
 
@@ -185,7 +195,9 @@ def prepare_reference(run: StageRun) -> Any | None:
     lora = recipe.model.adapter != "none"
     ref_model = None
     if not lora or recipe.pref.ref_model:
-        ref_model = load_reference(recipe)
+        ref_model = load_reference(recipe, run.data)
+        keep_exact_layout(run, ref_model)
+        recipe = run.recipe
     if recipe.pref.precompute_ref:
         score = reference_scorer(run.model, run.model, ref_model, recipe.train.logps_chunk)
         with run.accelerator.main_process_first():  # rank 0 writes the cache, others read it

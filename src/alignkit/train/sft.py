@@ -13,7 +13,7 @@ from rich.console import Console
 
 from alignkit.config import Recipe, TrainConfig
 from alignkit.config.check import check
-from alignkit.data.batching import Batch, flat_batch, pack_rows, packed_batch, pad_batch
+from alignkit.data.batching import Batch, flat_batch, pack_rows, pad_batch
 from alignkit.train.logps import token_logps
 from alignkit.train.stage import prepare_optimizer, prepare_stage, train_and_save
 
@@ -29,23 +29,20 @@ def sft_loss_sums(
 
 
 def sft_batcher(cfg: TrainConfig, pad_id: int) -> Callable[[list[Any]], Batch]:
-    """Rows -> batch: flattened (padding-free) or padded; packed rows are bins of examples."""
-    if cfg.padding_free:
-        if cfg.packing:
-            return lambda bins: flat_batch([e for row in bins for e in row])
-        return flat_batch
-    return (
-        partial(packed_batch, pad_id=pad_id) if cfg.packing else partial(pad_batch, pad_id=pad_id)
-    )
+    """Rows -> batch: flattened (padding-free) or padded; packed rows are bins of examples,
+    always flattened."""
+    if cfg.packing:
+        return lambda bins: flat_batch([e for row in bins for e in row])
+    return flat_batch if cfg.padding_free else partial(pad_batch, pad_id=pad_id)
 
 
 def train_sft(recipe: Recipe, console: Console | None = None) -> Path:
     check(recipe, "sft")
     run = prepare_stage(recipe, "sft", ("sft",), console)
-    cfg, pad_id = recipe.train, run.data.tokenizer.pad_token_id
+    cfg, pad_id = run.recipe.train, run.data.tokenizer.pad_token_id
     rows = run.data.train_rows
     if cfg.packing:
-        rows = pack_rows(rows, recipe.data.max_length)
+        rows = pack_rows(rows, run.recipe.data.max_length)
     optimizer, scheduler = prepare_optimizer(run, len(rows))
     train_and_save(
         run,

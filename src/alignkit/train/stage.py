@@ -13,7 +13,7 @@ import platform
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,9 @@ from alignkit.config import Recipe, TrainConfig, dump_yaml, save_recipe
 from alignkit.data.sources import load_mixture
 from alignkit.data.tokenize import tokenize_examples
 from alignkit.errors import AlignkitError
-from alignkit.models import load_model, load_tokenizer, local_paths, resolve_device
+from alignkit.models import NewTokens, load_model, load_tokenizer, local_paths, resolve_device
 from alignkit.plots import plot_curves
+from alignkit.train.attention import base_model, padding_free_problem
 from alignkit.train.checkpoint import TrainState
 from alignkit.train.loop import LoopParts, LossFn, check_rows, run_loop, total_steps
 
@@ -155,8 +156,17 @@ def load_stage_data(
     return StageData(tokenizer, template, kind, train_rows, eval_rows)
 
 
-def load_trainable(recipe: Recipe) -> Any:
-    model = load_model(recipe.model, recipe.lora, trainable=True)
+def new_tokens(data: StageData) -> NewTokens:
+    """The template's added tokens: their ids, and the vocabulary they make."""
+    added = data.template.added_tokens
+    if not added:
+        return NewTokens()
+    ids = data.tokenizer.convert_tokens_to_ids(list(added))
+    return NewTokens(ids=tuple(ids), vocab=len(data.tokenizer))
+
+
+def load_trainable(recipe: Recipe, data: StageData, say: Callable[[str], None]) -> Any:
+    model = load_model(recipe.model, recipe.lora, True, new_tokens(data), say)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -173,6 +183,7 @@ class StageRun:
     data: StageData
     model: Any
     console: Console
+    layout_note: str | None = None  # why padding-free rows were switched off, if they were
 
     @property
     def verbose(self) -> bool:
@@ -197,15 +208,41 @@ def prepare_stage(
     accelerator.wait_for_everyone()  # every rank has checked the dir before rank 0 writes to it
     torch.manual_seed(recipe.train.seed)
     data = load_stage_data(recipe, kinds, console, accelerator.is_main_process)
-    return StageRun(
+    say = console.print if accelerator.is_main_process else lambda _: None
+    run = StageRun(
         command=command,
         recipe=recipe,
         accelerator=accelerator,
         plan=plan,
         data=data,
-        model=load_trainable(recipe),
+        model=load_trainable(recipe, data, say),
         console=console,
     )
+    keep_exact_layout(run, run.model)
+    return run
+
+
+def exact_layout(cfg: TrainConfig, model: Any) -> tuple[TrainConfig, str | None]:
+    """The train settings that compute this model's own log-probs: padding-free rows and
+    packing switched off where block attention would not reproduce its attention, with
+    the line that says so."""
+    problem = padding_free_problem(model) if cfg.padding_free or cfg.packing else None
+    if problem is None:
+        return cfg, None
+    family = base_model(model).config.model_type
+    dropped = "padding-free rows and packing" if cfg.packing else "padding-free rows"
+    note = f"{dropped} off for this {family} model ({problem}): training on padded rows"
+    return replace(cfg, padding_free=False, packing=False), note
+
+
+def keep_exact_layout(run: StageRun, model: Any) -> None:
+    """Switch the run to padded rows where `model` (policy or reference) needs them."""
+    cfg, note = exact_layout(run.recipe.train, model)
+    if note is None:
+        return
+    run.recipe, run.layout_note = replace(run.recipe, train=cfg), note
+    if run.verbose:
+        run.console.print(note)
 
 
 def prepare_optimizer(run: StageRun, n_rows: int) -> tuple[Any, Any]:
@@ -274,6 +311,8 @@ def run_info(run: StageRun, state: TrainState) -> dict[str, Any]:
         "trained_tokens": state.trained_tokens,
         "train_seconds": round(state.train_seconds, 1),
         "processes": run.accelerator.num_processes,
+        "padding_free": run.recipe.train.padding_free,
+        **({"padding_free_off": run.layout_note} if run.layout_note else {}),
         "device": device.type,
         "hardware": hardware or platform.machine(),
         "cpu_count": os.cpu_count(),
