@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from support import write_jsonl
 
 from alignkit.config import ModelConfig, load_recipe
+from alignkit.merge import merge_adapter
 from alignkit.models import load_model
 from alignkit.train.sft import train_sft
 
@@ -118,5 +119,9 @@ def test_chatml_tokens_the_tokenizer_lacks_get_trained_embedding_rows(tmp_path):
         old = trained.get_input_embeddings().weight[:rows]
         if adapter == "lora":  # the adapter trains only the new rows of the embeddings
             assert torch.equal(old, base.get_input_embeddings().weight[:rows])
+        if adapter == "lora":  # merged, the new rows are part of the weights
+            merged = merge_adapter(str(where / "out"), where / "merged")
+            weights = load_file(merged / "model.safetensors")["model.embed_tokens.weight"]
+            torch.testing.assert_close(weights[rows:], new.detach())
     weights = load_file(tmp_path / "none" / "out" / "model.safetensors")
     assert weights["model.embed_tokens.weight"].shape[0] == rows + 2
