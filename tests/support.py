@@ -106,3 +106,45 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "templates"
+
+# The special tokens each published template (tests/fixtures/templates) emits, with the
+# BOS/EOS its model uses; SmolLM2 already has <|im_start|> (BOS) and <|im_end|> (EOS).
+PUBLISHED_TOKENS = {
+    "qwen3": {},
+    "qwen3_training": {},
+    "llama3_1": {
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"],
+    },
+    "gemma3": {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+    },
+    "mistral_v0_3": {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "additional_special_tokens": ["[INST]", "[/INST]"],
+    },
+    "phi3": {
+        "bos_token": "<s>",
+        "eos_token": "<|endoftext|>",
+        "additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+    },
+}
+
+
+def published_template(smol_tokenizer, name: str):
+    """(template, tokenizer) for a published template: a copy of the SmolLM2 tokenizer with
+    the template's special tokens added, so no download is needed."""
+    import copy
+
+    from alignkit.chat_templates import resolve_template
+
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.add_special_tokens(PUBLISHED_TOKENS[name])
+    return resolve_template(str(TEMPLATES / f"{name}.jinja"), tokenizer), tokenizer

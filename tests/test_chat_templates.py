@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import pytest
+from support import published_template
 
-from alignkit.chat_templates import assistant_spans, render, resolve_template
+from alignkit.chat_templates import assistant_renderings, render, resolve_template
 from alignkit.config import DataConfig
 from alignkit.data.formats import Conversation
-from alignkit.data.tokenize import tokenize_conversation
+from alignkit.data.tokenize import TokenizedExample, tokenize_examples
 from alignkit.errors import AlignkitError
 
 MULTI_TURN = [
@@ -17,6 +18,25 @@ MULTI_TURN = [
 ]
 
 
+def examples(messages, template, tokenizer, cfg=None) -> list[TokenizedExample]:
+    out, report = tokenize_examples(
+        [Conversation(messages)], tokenizer, template, cfg or DataConfig()
+    )
+    assert report.dropped == {}
+    return out
+
+
+def trained_runs(ids: list[int], mask: list[bool], tokenizer) -> list[str]:
+    """The decoded runs of consecutive trained tokens."""
+    runs: list[list[int]] = [[]]
+    for token, trained in zip(ids, mask, strict=True):
+        if trained:
+            runs[-1].append(token)
+        elif runs[-1]:
+            runs.append([])
+    return [tokenizer.decode(run) for run in runs if run]
+
+
 # SmolLM2's own template adds a default system turn when there is none; plain ChatML does not,
 # so the built-in is compared on a conversation that has its own system turn.
 @pytest.mark.parametrize(
@@ -25,9 +45,7 @@ MULTI_TURN = [
 def test_chatml_matches_smollm2_apply_chat_template_token_for_token(smol_tokenizer, spec, messages):
     template = resolve_template(spec, smol_tokenizer)
     reference = smol_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    example, _ = tokenize_conversation(
-        Conversation(messages), smol_tokenizer, template, DataConfig()
-    )
+    (example,) = examples(messages, template, smol_tokenizer)
     # our example stops right after the last <|im_end|>; the template adds a trailing "\n"
     assert reference[: len(example.input_ids)] == example.input_ids
     assert smol_tokenizer.decode(reference[len(example.input_ids) :]) == "\n"
@@ -35,9 +53,7 @@ def test_chatml_matches_smollm2_apply_chat_template_token_for_token(smol_tokeniz
 
 def test_mask_covers_exactly_assistant_turns_and_end_of_turn(smol_tokenizer):
     template = resolve_template(None, smol_tokenizer)
-    example, _ = tokenize_conversation(
-        Conversation(MULTI_TURN), smol_tokenizer, template, DataConfig()
-    )
+    (example,) = examples(MULTI_TURN, template, smol_tokenizer)
     trained = [t for t, m in zip(example.input_ids, example.labels_mask, strict=True) if m]
     expected = smol_tokenizer("Hello!<|im_end|>4<|im_end|>", add_special_tokens=False)["input_ids"]
     assert trained == expected
@@ -53,9 +69,7 @@ def test_mask_covers_exactly_assistant_turns_and_end_of_turn(smol_tokenizer):
 
 def test_train_on_prompt_trains_every_token(smol_tokenizer):
     template = resolve_template(None, smol_tokenizer)
-    example, _ = tokenize_conversation(
-        Conversation(MULTI_TURN), smol_tokenizer, template, DataConfig(train_on_prompt=True)
-    )
+    (example,) = examples(MULTI_TURN, template, smol_tokenizer, DataConfig(train_on_prompt=True))
     assert all(example.labels_mask)
 
 
@@ -91,8 +105,8 @@ def test_builtin_templates_render_and_locate_the_reply(
     ]
     template = resolve_template(name, smol_tokenizer)
     assert render(messages[:2], template, smol_tokenizer, add_generation_prompt=True) == prompt_text
-    text, spans = assistant_spans(messages, template, smol_tokenizer)
-    assert [text[a:b] for a, b in spans] == [assistant_text]
+    (rendering,) = assistant_renderings(messages, template, smol_tokenizer)
+    assert [rendering.text[a:b] for a, b in rendering.spans] == [assistant_text]
     assert template.end_of_turn == "<|im_end|>"
 
 
@@ -104,8 +118,9 @@ def test_jinja_file_template(smol_tokenizer, tmp_path):
         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
     )
     template = resolve_template(str(path), smol_tokenizer)
-    text, spans = assistant_spans(MULTI_TURN[1:3], template, smol_tokenizer)
-    assert template.name == "mine" and [text[a:b] for a, b in spans] == ["Hello!<|im_end|>"]
+    (rendering,) = assistant_renderings(MULTI_TURN[1:3], template, smol_tokenizer)
+    assert template.name == "mine"
+    assert [rendering.text[a:b] for a, b in rendering.spans] == ["Hello!<|im_end|>"]
 
 
 def test_unknown_template_and_template_without_stop_token(smol_tokenizer, tmp_path):
@@ -115,3 +130,108 @@ def test_unknown_template_and_template_without_stop_token(smol_tokenizer, tmp_pa
     path.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(AlignkitError, match="could not learn to stop"):
         resolve_template(str(path), smol_tokenizer)
+
+
+THREE_TURNS = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!", "reasoning_content": "The user greets me."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "Four.", "reasoning_content": "2+2=4."},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "Six.", "reasoning_content": "3+3=6."},
+]
+ASSISTANT_TURNS = [2, 4, 6]
+
+# Each assistant turn as the template renders it when it is generated, end-of-turn included.
+REPLY = {
+    "qwen3": lambda m: f"<think>\n{m['reasoning_content']}\n</think>\n\n{m['content']}<|im_end|>",
+    "llama3_1": lambda m: m["content"] + "<|eot_id|>",
+    "gemma3": lambda m: m["content"] + "<end_of_turn>",
+    "mistral_v0_3": lambda m: " " + m["content"] + "</s>",
+    "phi3": lambda m: m["content"] + "<|end|>",
+}
+# Qwen3 drops the <think> blocks of earlier turns and Mistral moves the system prompt to the
+# last user turn: each turn is then trained in its own example.
+SPLIT = {"qwen3", "mistral_v0_3"}
+
+
+def without(text: str, pieces: list[str]) -> str:
+    """`text` with each piece removed, in order."""
+    rest, cursor = "", 0
+    for piece in pieces:
+        at = text.index(piece, cursor)
+        rest, cursor = rest + text[cursor:at], at + len(piece)
+    return rest + text[cursor:]
+
+
+@pytest.mark.parametrize("name", sorted(REPLY))
+def test_published_template_trains_each_turn_exactly_as_the_template_renders_it(
+    smol_tokenizer, name
+):
+    template, tokenizer = published_template(smol_tokenizer, name)
+    groups = [[k] for k in ASSISTANT_TURNS] if name in SPLIT else [ASSISTANT_TURNS]
+    out, report = tokenize_examples([Conversation(THREE_TURNS)], tokenizer, template, DataConfig())
+    assert len(out) == len(groups) and report.dropped == {}
+    assert (report.split_rows, report.split_examples) == ((1, 3) if name in SPLIT else (0, 0))
+    for example, turns in zip(out, groups, strict=True):
+        replies = [REPLY[name](THREE_TURNS[k]) for k in turns]
+        assert trained_runs(example.input_ids, example.labels_mask, tokenizer) == replies
+        # the example is the template's own text: the context it generates the last
+        # trained turn from (system prompt included), then that turn
+        context = tokenizer.apply_chat_template(
+            THREE_TURNS[: turns[-1]],
+            chat_template=template.source,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        text = context + replies[-1]
+        assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert "You are terse." in context
+        untrained = [
+            t for t, m in zip(example.input_ids, example.labels_mask, strict=True) if not m
+        ]
+        assert tokenizer.decode(untrained) == without(text, replies)
+
+
+def test_generation_blocks_mark_the_trained_tokens(smol_tokenizer):
+    template, tokenizer = published_template(smol_tokenizer, "qwen3_training")
+    (example,) = examples(THREE_TURNS, template, tokenizer)
+    replies = [REPLY["qwen3"](THREE_TURNS[k]) for k in ASSISTANT_TURNS]
+    # the training template keeps every <think> block, so all turns share one example
+    assert trained_runs(example.input_ids, example.labels_mask, tokenizer) == replies
+    marked = tokenizer.apply_chat_template(
+        THREE_TURNS,
+        chat_template=template.source,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    assert marked["input_ids"][: len(example.input_ids)] == example.input_ids
+    # transformers' mask is the same, plus the newline each block keeps after <|im_end|>
+    theirs = trained_runs(marked["input_ids"], marked["assistant_masks"], tokenizer)
+    assert theirs == [reply + "\n" for reply in replies]
+
+
+def test_generation_block_must_hold_the_end_of_turn_marker(smol_tokenizer, tmp_path):
+    path = tmp_path / "content_only.jinja"
+    path.write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+        "{% else %}{{ m['content'] }}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    )
+    template = resolve_template(str(path), smol_tokenizer)
+    with pytest.raises(AlignkitError, match="leave out the end-of-turn marker <\\|im_end\\|>"):
+        assistant_renderings(MULTI_TURN, template, smol_tokenizer)
+
+
+def test_template_whose_reply_cannot_be_located_is_refused(smol_tokenizer, tmp_path):
+    # the generation prompt ends with '>>', which the rendered reply does not follow
+    path = tmp_path / "lost.jinja"
+    path.write_text(
+        "{% for m in messages %}{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}>>{% endif %}"
+    )
+    template = resolve_template(str(path), smol_tokenizer)
+    with pytest.raises(AlignkitError, match="does not render turn 1 after the text"):
+        assistant_renderings(MULTI_TURN[1:3], template, smol_tokenizer)

@@ -1,19 +1,25 @@
 """Chat templates and the assistant-span logic that decides which tokens are trained.
 
 Every template, built-in or the tokenizer's own, is a Jinja string rendered by
-`tokenizer.apply_chat_template`. Which characters belong to an assistant turn is found
-by rendering the conversation incrementally: the text for turns [0, k) with a
-generation prompt must be a prefix of the text for turns [0, k]; the difference is
-turn k's assistant text, trimmed just after its end-of-turn marker so the model
-learns to stop but not whatever separator follows.
+`tokenizer.apply_chat_template`. A template's own `{% generation %}` blocks say which
+characters are trained. Otherwise each assistant turn k is trained in the context the
+template generates it from: turns [0, k) rendered with a generation prompt, followed by
+turn k as the template renders it. Turns share one text while each extends the one
+before; a template that re-renders earlier turns (Qwen3 drops old `<think>` blocks,
+Mistral moves the system prompt to the last user turn) gives one text per turn. Every
+trained turn ends just after its end-of-turn marker, so the model learns to stop but not
+whatever separator follows.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignkit.data.formats import Message
 from alignkit.errors import AlignkitError
 
 CHATML = (
@@ -132,7 +138,7 @@ def _ensure_special_tokens(tokenizer: Any, tokens: list[str]) -> list[str]:
 
 
 def render(
-    messages: list[dict[str, str]],
+    messages: list[Message],
     template: ChatTemplate,
     tokenizer: Any,
     add_generation_prompt: bool,
@@ -166,28 +172,122 @@ def _find_end_of_turn(source: str, tokenizer: Any) -> str:
     return min(found)[1]
 
 
-def assistant_spans(
-    messages: list[dict[str, str]], template: ChatTemplate, tokenizer: Any
-) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation; return its text and the [start, end) characters of each
-    assistant turn, end-of-turn marker included."""
-    text = render(messages, template, tokenizer, add_generation_prompt=False)
-    spans = []
+@dataclass(frozen=True)
+class Rendering:
+    """A text to train on and the [start, end) characters of the assistant turns trained in it.
+
+    `turns[i]` is the message index of the turn `spans[i]` covers; the text ends with the
+    last span, whose end-of-turn marker is included.
+    """
+
+    text: str
+    spans: list[tuple[int, int]]
+    turns: list[int]
+
+
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def assistant_renderings(
+    messages: list[Message], template: ChatTemplate, tokenizer: Any
+) -> list[Rendering]:
+    """The texts that train the conversation's assistant turns, in order.
+
+    A template with `{% generation %}` blocks gives one rendering trained where it marks.
+    Otherwise each turn is rendered in the context the template generates it from; a turn
+    whose text extends the previous rendering joins it, else it starts a new one (a
+    template that re-renders earlier turns, such as Qwen3 dropping old `<think>` blocks,
+    gives one rendering per turn).
+    """
+    if GENERATION_BLOCK.search(template.source):
+        return [_marked_rendering(messages, template, tokenizer)]
+    renderings: list[Rendering] = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(messages[:k], template, tokenizer, add_generation_prompt=True)
-        upto = render(messages[: k + 1], template, tokenizer, add_generation_prompt=False)
-        if not (text.startswith(upto) and upto.startswith(before)):
-            raise AlignkitError(
-                f"Chat template '{template.name}' does not render turn {k} as an extension of the "
-                "earlier turns, so the assistant tokens cannot be located. Pass --chat-template "
-                f"with one of {', '.join(BUILTIN_TEMPLATES)}."
-            )
-        spans.append(
-            (len(before), _end_of_assistant(upto, len(before), message["content"], template))
+        text, start = _turn_text(messages, k, template, tokenizer)
+        if renderings and text.startswith(renderings[-1].text):
+            last = renderings.pop()
+            renderings.append(Rendering(text, [*last.spans, (start, len(text))], [*last.turns, k]))
+        else:
+            renderings.append(Rendering(text, [(start, len(text))], [k]))
+    return renderings
+
+
+def completion_rendering(
+    prompt: list[Message], completion: list[Message], template: ChatTemplate, tokenizer: Any
+) -> Rendering:
+    """The rendering that ends with the completion's last turn, trained on the completion's
+    assistant turns only: earlier turns and the completion's user turns are context."""
+    last = assistant_renderings(prompt + completion, template, tokenizer)[-1]
+    kept = [(span, k) for span, k in zip(last.spans, last.turns, strict=True) if k >= len(prompt)]
+    return Rendering(last.text, [span for span, _ in kept], [k for _, k in kept])
+
+
+def shared_prompt(
+    prompt: list[Message], branches: list[Rendering], template: ChatTemplate, tokenizer: Any
+) -> str:
+    """The prompt text every branch continues: the prompt rendered for generation, as far as
+    each branch renders the same text before its first trained character."""
+    generation = render(prompt, template, tokenizer, add_generation_prompt=True)
+    return os.path.commonprefix([generation, *(b.text[: b.spans[0][0]] for b in branches)])
+
+
+def protected_head(
+    messages: list[Message], text: str, template: ChatTemplate, tokenizer: Any
+) -> int:
+    """How many leading characters of `text` (a rendering of `messages`) left truncation
+    keeps: the BOS token and the conversation's system turn, up to where the first user
+    text begins. A default system prompt that a template renders for a conversation
+    without one is not kept.
+    """
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    if not any(m["role"] == "system" for m in messages[:first_user]):
+        bos = tokenizer.bos_token
+        return len(bos) if bos and text.startswith(bos) else 0
+    probes = [
+        render(
+            [*messages[:first_user], {"role": "user", "content": marker + _PROBE_REPLY}],
+            template,
+            tokenizer,
+            add_generation_prompt=True,
         )
-    return text, spans
+        for marker in "AB"
+    ]
+    return len(os.path.commonprefix([*probes, text]))
+
+
+def _turn_text(
+    messages: list[Message], k: int, template: ChatTemplate, tokenizer: Any
+) -> tuple[str, int]:
+    """Turn k after the context the template generates it from: (context + reply, where the
+    reply starts). The context is the conversation so far rendered with a generation prompt;
+    the reply is the turn as the template renders it, up to its end-of-turn marker."""
+    before = render(messages[:k], template, tokenizer, add_generation_prompt=True)
+    upto = render(messages[: k + 1], template, tokenizer, add_generation_prompt=False)
+    start = len(before) if upto.startswith(before) else _reply_start(before, upto, messages[:k])
+    if start is None:
+        raise AlignkitError(
+            f"Chat template '{template.name}' does not render turn {k} after the text it gives "
+            "the earlier turns, so the assistant tokens cannot be located. Pass --chat-template "
+            f"with one of {', '.join(BUILTIN_TEMPLATES)}."
+        )
+    end = _end_of_assistant(upto, start, messages[k]["content"], template)
+    return before + upto[start:end], len(before)
+
+
+def _reply_start(before: str, upto: str, context: list[Message]) -> int | None:
+    """Where the reply starts in `upto` when the template renders the context differently
+    once a reply follows (Mistral moves the system prompt into the last user turn only
+    while that turn is last): just after the last context message's text and whatever
+    the generation prompt puts after it."""
+    content = context[-1]["content"].strip() if context else ""
+    at = before.rfind(content) if content else -1
+    if at < 0:
+        return None
+    anchor = before[at:]
+    found = upto.rfind(anchor)
+    return None if found < 0 else found + len(anchor)
 
 
 def _end_of_assistant(upto: str, start: int, content: str, template: ChatTemplate) -> int:
@@ -195,3 +295,51 @@ def _end_of_assistant(upto: str, start: int, content: str, template: ChatTemplat
     search_from = content_at + len(content.strip()) if content_at >= 0 else start
     eot_at = upto.find(template.end_of_turn, search_from)
     return eot_at + len(template.end_of_turn) if eot_at >= 0 else len(upto)
+
+
+def _marked_rendering(messages: list[Message], template: ChatTemplate, tokenizer: Any) -> Rendering:
+    """One rendering trained where the template's `{% generation %}` blocks are (transformers'
+    assistant mask), each block cut just after its end-of-turn marker."""
+    text = render(messages, template, tokenizer, add_generation_prompt=False)
+    out = tokenizer.apply_chat_template(
+        messages,
+        chat_template=template.source,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        tokenizer_kwargs={"return_offsets_mapping": True},
+    )
+    blocks = _mask_runs(out["assistant_masks"], out["offset_mapping"])
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if len(blocks) != len(turns):
+        raise AlignkitError(
+            f"Chat template '{template.name}' marks {len(blocks)} generation blocks for "
+            f"{len(turns)} assistant turns; mark each assistant turn with one "
+            "{% generation %} ... {% endgeneration %} block."
+        )
+    spans = [_cut_after_end_of_turn(text, span, template) for span in blocks]
+    return Rendering(text[: spans[-1][1]], spans, turns)
+
+
+def _mask_runs(mask: list[int], offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The [start, end) characters of each run of masked tokens."""
+    runs: list[tuple[int, int]] = []
+    for i, (flag, (start, end)) in enumerate(zip(mask, offsets, strict=True)):
+        if flag and i > 0 and mask[i - 1]:
+            runs[-1] = (runs[-1][0], end)
+        elif flag:
+            runs.append((start, end))
+    return runs
+
+
+def _cut_after_end_of_turn(
+    text: str, span: tuple[int, int], template: ChatTemplate
+) -> tuple[int, int]:
+    eot_at = text.rfind(template.end_of_turn, *span)
+    if eot_at < 0:
+        raise AlignkitError(
+            f"The {{% generation %}} blocks of chat template '{template.name}' leave out the "
+            f"end-of-turn marker {template.end_of_turn}, so a trained model could not learn to "
+            "stop; put the marker inside the block."
+        )
+    return span[0], eot_at + len(template.end_of_turn)

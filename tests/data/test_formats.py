@@ -115,6 +115,27 @@ def test_messages_prompt_completion_and_feedback_records():
     assert item == Feedback(msgs[:1], msgs[1:], False)
 
 
+def test_assistant_messages_keep_their_reasoning_content(tmp_path):
+    record = {
+        "messages": [
+            {"role": "user", "content": "2+2?", "reasoning_content": "ignored", "name": "x"},
+            {"role": "assistant", "content": "4", "reasoning_content": "2+2=4", "id": 7},
+            {"role": "user", "content": "3+3?"},
+            {"role": "assistant", "content": "6", "reasoning_content": None},
+        ]
+    }
+    assert detect_format(record).convert(record).messages == [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "2+2=4"},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6"},
+    ]
+    record["messages"][1]["reasoning_content"] = ["2+2=4"]
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    with pytest.raises(AlignkitError, match=r"line 1: 'reasoning_content' of an assistant message"):
+        load_source(DataSource(path=str(path)))
+
+
 def test_missing_field_error_names_file_row_format_and_fields(tmp_path):
     path = write_jsonl(
         tmp_path / "d.jsonl",

@@ -87,7 +87,8 @@ class DataConfig:
     )
     truncation: Literal["truncate_prompt_left", "drop"] = opt(
         "truncate_prompt_left",
-        "Too-long examples: keep the end of the prompt (then cut the completion's end), or drop.",
+        "Too-long examples: keep the BOS token, the system turn and the end of the prompt (then "
+        "cut the completion's end), or drop.",
     )
     train_on_prompt: bool = opt(False, "Train on every token, not only the assistant turns.")
     strict: bool = opt(False, "Make skipped rows (empty text, chosen == rejected) an error.")

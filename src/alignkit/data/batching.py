@@ -154,24 +154,39 @@ class SequenceBatch:
         )
 
 
-def sequence_batch(
-    sequences: list[tuple[list[int], list[int]]], units: int, pad_id: int
-) -> SequenceBatch:
-    """Right-padded rows of prompt + completion, one per slot; labels on completions only."""
-    width = max(len(p) + len(c) for p, c in sequences)
+# prompt ids, completion ids, which completion ids are scored (None: all)
+Sequence = tuple[list[int], list[int], list[bool] | None]
+
+
+def scored_labels(completion: list[int], scored: list[bool] | None) -> list[int]:
+    """The completion's ids as labels, IGNORE where a token is not scored."""
+    if scored is None:
+        return completion
+    return [t if s else IGNORE for t, s in zip(completion, scored, strict=True)]
+
+
+def label_owners(labels: list[int], slot: int) -> list[int]:
+    return [-1 if t == IGNORE else slot for t in labels]
+
+
+def sequence_batch(sequences: list[Sequence], units: int, pad_id: int) -> SequenceBatch:
+    """Right-padded rows of prompt + completion, one per slot; labels on scored completion
+    tokens only."""
+    width = max(len(p) + len(c) for p, c, _ in sequences)
     shape = (len(sequences), width)
     ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE, dtype=torch.long)
     owner = torch.full(shape, -1, dtype=torch.long)
     mask = torch.zeros(shape, dtype=torch.long)
-    for slot, (prompt, completion) in enumerate(sequences):
+    for slot, (prompt, completion, scored) in enumerate(sequences):
         n, start = len(prompt) + len(completion), len(prompt)
+        completion_labels = scored_labels(completion, scored)
         ids[slot, :n] = torch.tensor(prompt + completion)
-        labels[slot, start:n] = torch.tensor(completion)
-        owner[slot, start:n] = slot
+        labels[slot, start:n] = torch.tensor(completion_labels)
+        owner[slot, start:n] = torch.tensor(label_owners(completion_labels, slot))
         mask[slot, :n] = 1
     positions = torch.arange(width).expand(shape).clone()
-    tokens = sum(len(p) + len(c) for p, c in sequences)
+    tokens = sum(len(p) + len(c) for p, c, _ in sequences)
     return SequenceBatch(ids, labels, mask, positions, owner, units, tokens)
 
 
@@ -185,8 +200,8 @@ def pair_batch(pairs: list[TokenizedPair], pad_id: int, layout: str = "padded") 
     if layout == "shared":
         batch = flat_batch_of([shared_pair_segment(p, i, n) for i, p in enumerate(pairs)], n)
     else:
-        sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs]
-        sequences += [(p.prompt_ids, p.rejected_ids) for p in pairs]
+        sequences = [(p.prompt_ids, p.chosen_ids, p.chosen_mask) for p in pairs]
+        sequences += [(p.prompt_ids, p.rejected_ids, p.rejected_mask) for p in pairs]
         batch = sequences_batch(sequences, n, pad_id, flat=layout == "flat")
     refs = [p.ref_logps for p in pairs]
     if all(r is not None for r in refs):
@@ -195,11 +210,11 @@ def pair_batch(pairs: list[TokenizedPair], pad_id: int, layout: str = "padded") 
 
 
 def sequences_batch(
-    sequences: list[tuple[list[int], list[int]]], units: int, pad_id: int, flat: bool
+    sequences: list[Sequence], units: int, pad_id: int, flat: bool
 ) -> SequenceBatch:
     if not flat:
         return sequence_batch(sequences, units, pad_id)
-    return flat_batch_of([completion_segment(p, c, k) for k, (p, c) in enumerate(sequences)], units)
+    return flat_batch_of([completion_segment(s, k) for k, s in enumerate(sequences)], units)
 
 
 # ---------------------------------------------------------------- padding-free rows
@@ -218,13 +233,14 @@ class Segment:
     second: int | None = None
 
 
-def completion_segment(prompt: list[int], completion: list[int], slot: int) -> Segment:
-    n = len(prompt) + len(completion)
+def completion_segment(sequence: Sequence, slot: int) -> Segment:
+    prompt, completion, scored = sequence
+    labels = scored_labels(completion, scored)
     return Segment(
         prompt + completion,
-        [IGNORE] * len(prompt) + completion,
-        [-1] * len(prompt) + [slot] * len(completion),
-        list(range(n)),
+        [IGNORE] * len(prompt) + labels,
+        [-1] * len(prompt) + label_owners(labels, slot),
+        list(range(len(prompt) + len(completion))),
     )
 
 
@@ -237,8 +253,11 @@ def shared_pair_segment(pair: TokenizedPair, index: int, units: int) -> Segment:
     shared, last = pair.prompt_ids[:-1], pair.prompt_ids[-1]
     s, c, r = len(shared), len(pair.chosen_ids) + 1, len(pair.rejected_ids) + 1
     ids = shared + [last, *pair.chosen_ids] + [last, *pair.rejected_ids]
-    labels = [IGNORE] * (s + 1) + pair.chosen_ids + [IGNORE] + pair.rejected_ids
-    owner = [-1] * (s + 1) + [index] * (c - 1) + [-1] + [index + units] * (r - 1)
+    chosen = scored_labels(pair.chosen_ids, pair.chosen_mask)
+    rejected = scored_labels(pair.rejected_ids, pair.rejected_mask)
+    labels = [IGNORE] * (s + 1) + chosen + [IGNORE] + rejected
+    owner = [-1] * (s + 1) + label_owners(chosen, index) + [-1]
+    owner += label_owners(rejected, index + units)
     positions = list(range(s + c)) + list(range(s, s + r))
     return Segment(ids, labels, owner, positions, s, s + c)
 
@@ -295,11 +314,15 @@ def feedback_batch(
 
     A mismatched sequence is cut to `max_length` (its completion end is dropped).
     """
-    matched = [(f.prompt_ids, f.completion_ids) for f in items]
-    shifted = [
-        (f.prompt_ids, items[(i + 1) % len(items)].completion_ids[: max_length - len(f.prompt_ids)])
-        for i, f in enumerate(items)
-    ]
+    matched = [(f.prompt_ids, f.completion_ids, f.completion_mask) for f in items]
+    shifted = [mismatched(f, items[(i + 1) % len(items)], max_length) for i, f in enumerate(items)]
     batch = sequences_batch(matched + shifted, len(items), pad_id, flat)
     batch.desirable = torch.tensor([f.label for f in items], dtype=torch.bool)
     return batch
+
+
+def mismatched(item: TokenizedFeedback, other: TokenizedFeedback, max_length: int) -> Sequence:
+    """`item`'s prompt with `other`'s completion, cut to `max_length`."""
+    keep = max_length - len(item.prompt_ids)
+    mask = None if other.completion_mask is None else other.completion_mask[:keep]
+    return item.prompt_ids, other.completion_ids[:keep], mask

@@ -1,7 +1,8 @@
 """Source record formats -> canonical examples, one small adapter per format.
 
 Canonical examples hold chat messages (`{"role", "content"}` dicts with roles
-system/user/assistant):
+system/user/assistant; an assistant message may also carry its `reasoning_content`,
+which templates such as Qwen3 render as a `<think>` block):
 - `Conversation`: a whole chat for SFT; assistant turns are trained.
 - `PreferencePair`: prompt messages + chosen and rejected completion messages.
 - `Feedback`: prompt + one completion + a desirable/undesirable label (KTO).
@@ -127,7 +128,17 @@ def _message(item: Any, field: str, role_key: str = "role", text_key: str = "con
     content = item[text_key]
     if not isinstance(content, str):
         raise RowProblem(f"message text in '{field}' must be a string", field=field)
-    return {"role": role, "content": content}
+    message = {"role": role, "content": content}
+    reasoning = item.get("reasoning_content") if role == "assistant" else None
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise RowProblem(
+                f"'reasoning_content' of an assistant message in '{field}' must be a string, "
+                f"got {type(reasoning).__name__}",
+                field=field,
+            )
+        message["reasoning_content"] = reasoning
+    return message
 
 
 def _messages(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from alignkit.chat_templates import resolve_template
 from alignkit.config import DataSource, Recipe
 from alignkit.data.sources import SourceReport, load_source
 from alignkit.data.tokenize import (
+    IDENTICAL_AFTER_TRUNCATION,
     TokenizedExample,
     TokenizedFeedback,
     TokenizedPair,
@@ -34,6 +36,9 @@ class InspectReport:
     at_max_length: TokenizeReport
     max_length: int
     example: Any
+
+
+KIND_NAMES = {"sft": "sft conversations", "pair": "preference pairs", "feedback": "feedback"}
 
 
 def _lengths(item: Any) -> tuple[int, int]:
@@ -78,9 +83,9 @@ def highlight(item: Any, tokenizer: Any) -> Text:
     """The example's text with trained tokens in green (rejected completions in red)."""
     text = Text()
 
-    def add(ids: list[int], style: str) -> None:
-        for token in ids:
-            text.append(tokenizer.decode([token]), style=style)
+    def add(ids: list[int], style: str, scored: list[bool] | None = None) -> None:
+        for token, trained in zip(ids, scored or [True] * len(ids), strict=True):
+            text.append(tokenizer.decode([token]), style=style if trained else "dim")
 
     if isinstance(item, TokenizedExample):
         for token, trained in zip(item.input_ids, item.labels_mask, strict=True):
@@ -88,14 +93,41 @@ def highlight(item: Any, tokenizer: Any) -> Text:
     elif isinstance(item, TokenizedPair):
         add(item.prompt_ids, "dim")
         text.append("\n--- chosen (trained) ---\n", style="bold")
-        add(item.chosen_ids, "bold green")
+        add(item.chosen_ids, "bold green", item.chosen_mask)
         text.append("\n--- rejected (trained) ---\n", style="bold")
-        add(item.rejected_ids, "bold red")
+        add(item.rejected_ids, "bold red", item.rejected_mask)
     elif isinstance(item, TokenizedFeedback):
         add(item.prompt_ids, "dim")
         text.append(f"\n--- completion (label={item.label}) ---\n", style="bold")
-        add(item.completion_ids, "bold green")
+        add(item.completion_ids, "bold green", item.completion_mask)
     return text
+
+
+def effect_rows(report: TokenizeReport, kind: str) -> list[tuple[str, int]]:
+    """What the template and truncation did to rows of one kind, as (what, count) rows."""
+    rows = [("rows", report.rows), ("examples kept", report.kept)]
+    if kind == "sft":
+        rows += [
+            ("rows split by turn", report.split_rows),
+            ("examples made by splitting", report.split_examples),
+        ]
+    rows.append(("truncated", report.truncated))
+    dropped = Counter({IDENTICAL_AFTER_TRUNCATION: 0} if kind == "pair" else {})
+    dropped.update(report.dropped)
+    rows += [(f"dropped: {why}", n) for why, n in dropped.items()]
+    if kind != "sft":
+        rows.append(("re-tokenized at the prompt boundary", report.retokenized_at_boundary))
+    return rows
+
+
+def effects_table(report: InspectReport) -> Table:
+    kind = report.source.kind
+    table = Table(title=f"{KIND_NAMES[kind]} at max_length={report.max_length}")
+    table.add_column("")
+    table.add_column("count", justify="right")
+    for what, count in effect_rows(report.at_max_length, kind):
+        table.add_row(what, str(count))
+    return table
 
 
 def print_report(report: InspectReport, console: Console | None = None) -> None:
@@ -113,7 +145,7 @@ def print_report(report: InspectReport, console: Console | None = None) -> None:
     table.add_row("total", *[str(report.lengths.get(p, "-")) for p in PERCENTILES])
     table.add_row("prompt", *[str(report.prompt_lengths.get(p, "-")) for p in PERCENTILES])
     console.print(table)
-    console.print(f"at max_length={report.max_length}: {report.at_max_length.summary()}")
+    console.print(effects_table(report))
     if report.example is not None:
         item, tokenizer = report.example
         console.print("\n[bold]first example[/bold] ([green]green[/green] = trained tokens):")

@@ -1,22 +1,45 @@
 """Canonical examples -> token ids with loss masks; preference pairs -> prompt/chosen/rejected ids.
 
-The whole rendered text is tokenized at once (so ids equal `apply_chat_template`'s),
-and a token is trained when its characters overlap an assistant span. A pair's
-prompt ids are checked to be a true prefix of the prompt+completion ids; where a
-tokenizer merges across the boundary, the completion is tokenized on its own after
-the prompt ids (what the model sees when it generates from that prompt) and counted.
+A text is tokenized whole (so ids equal `apply_chat_template`'s), and a token is trained
+when its characters overlap a trained assistant span (see `chat_templates`). A
+conversation whose template re-renders earlier turns gives one example per rendering.
+
+A pair's prompt is the text both branches render the same before their first scored
+token; each completion runs from there to its last end-of-turn marker and scores only
+its assistant turns (user turns inside a multi-turn branch are context). The prompt ids
+are checked to be a true prefix of the prompt+completion ids; where a tokenizer merges
+across the boundary, the completion is tokenized on its own after the prompt ids (what
+the model sees when it generates from that prompt) and counted.
+
+Left truncation keeps the BOS token and the system turn, then the end of the prompt.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
-from alignkit.chat_templates import ChatTemplate, assistant_spans, render
+from alignkit.chat_templates import (
+    ChatTemplate,
+    Rendering,
+    assistant_renderings,
+    completion_rendering,
+    protected_head,
+    shared_prompt,
+)
 from alignkit.config import DataConfig
-from alignkit.data.formats import Conversation, Example, Feedback, Message, PreferencePair
+from alignkit.data.formats import Example, Feedback, Message, PreferencePair
 from alignkit.errors import AlignkitError
+
+LONGER_THAN_MAX = "longer than max_length"
+HEAD_TOO_LONG = "BOS and system turn alone exceed the prompt budget"
+END_OF_TURN_INSIDE = "end-of-turn marker inside the text"
+NO_ASSISTANT_TOKENS = "no assistant tokens within max_length"
+IDENTICAL_AFTER_RENDERING = "chosen and rejected render identically"
+IDENTICAL_AFTER_TRUNCATION = "identical after truncation"
 
 
 @dataclass
@@ -29,12 +52,18 @@ class TokenizedExample:
 
 @dataclass
 class TokenizedPair:
-    """One preference pair; each completion ends with the template's end-of-turn token."""
+    """One preference pair; each completion ends with the template's end-of-turn token.
+
+    A mask says which completion tokens are scored (None: all of them); user turns
+    inside a multi-turn completion are not.
+    """
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
     ref_logps: tuple[float, float] | None = None  # reference (chosen, rejected), when precomputed
+    chosen_mask: list[bool] | None = None
+    rejected_mask: list[bool] | None = None
 
 
 @dataclass
@@ -42,24 +71,51 @@ class TokenizedFeedback:
     prompt_ids: list[int]
     completion_ids: list[int]
     label: bool
+    completion_mask: list[bool] | None = None  # scored completion tokens; None: all
 
 
 @dataclass
 class TokenizeReport:
-    """Counts of what tokenization changed; printed with every data load."""
+    """Counts of what the template and truncation did; printed with every data load.
+
+    A row gives one example, or one per rendering when the template re-renders earlier
+    turns (`split_rows` rows made `split_examples` examples); `kept`, `truncated` and
+    `dropped` count examples.
+    """
 
     rows: int = 0
     kept: int = 0
+    split_rows: int = 0
+    split_examples: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
     retokenized_at_boundary: int = 0
 
+    @property
+    def examples(self) -> int:
+        return self.rows - self.split_rows + self.split_examples
+
     def summary(self) -> str:
-        parts = [f"{self.kept}/{self.rows} rows kept", f"{self.truncated} truncated"]
+        parts = [f"{self.kept}/{self.examples} examples kept from {self.rows} rows"]
+        if self.split_rows:
+            parts.append(
+                f"{self.split_rows} rows split by turn into {self.split_examples} examples "
+                "(the template re-renders earlier turns)"
+            )
+        parts.append(f"{self.truncated} truncated")
         parts += [f"{n} dropped ({why})" for why, n in self.dropped.items()]
         if self.retokenized_at_boundary:
             parts.append(f"{self.retokenized_at_boundary} re-tokenized at the prompt boundary")
         return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One tokenized example and what tokenization did to it."""
+
+    item: TokenizedExample | TokenizedPair | TokenizedFeedback
+    truncated: bool = False
+    retokenized: bool = False  # completion tokenized on its own at the prompt boundary
 
 
 class Dropped(Exception):
@@ -69,13 +125,13 @@ class Dropped(Exception):
 def plan_truncation(
     prompt_len: int, completion_len: int, max_length: int, max_prompt_length: int, policy: str
 ) -> tuple[int, int] | None:
-    """How many prompt tokens (kept from the end) and completion tokens (kept from the start)
-    survive, or None to drop the example.
+    """How many prompt tokens and completion tokens (kept from the start) survive, or None
+    to drop the example.
 
     Nothing is cut when prompt + completion fits in `max_length`. Otherwise `drop` drops
-    it, and `truncate_prompt_left` keeps as much of the prompt's end as leaves room for the
+    it, and `truncate_prompt_left` keeps as much of the prompt as leaves room for the
     whole completion, but never less than `max_prompt_length` tokens of it; the completion
-    is then cut to what is left.
+    is then cut to what is left. `cut_prompt` says which prompt tokens those are.
     """
     if prompt_len + completion_len <= max_length:
         return prompt_len, completion_len
@@ -86,6 +142,21 @@ def plan_truncation(
     if keep_completion <= 0:
         return None
     return keep_prompt, keep_completion
+
+
+T = TypeVar("T")
+
+
+def cut_prompt(values: list[T], keep: int, head: int) -> list[T]:
+    """`keep` of a prompt's values: its first `head` (BOS and the system turn), then its end.
+
+    Raises `Dropped` when the head alone leaves no room for the end.
+    """
+    if keep >= len(values):
+        return values
+    if head >= keep:
+        raise Dropped(HEAD_TOO_LONG)
+    return values[:head] + values[len(values) - (keep - head) :]
 
 
 def prompt_limit(cfg: DataConfig) -> int:
@@ -103,100 +174,159 @@ def encode_with_spans(
     return list(encoded["input_ids"]), mask, offsets
 
 
-def tokenize_conversation(
-    conv: Conversation, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
-) -> tuple[TokenizedExample, bool]:
-    """Token ids and loss mask for an SFT conversation, cut after its last assistant turn.
+def head_tokens(
+    messages: list[Message],
+    text: str,
+    offsets: list[tuple[int, int]],
+    template: ChatTemplate,
+    tokenizer: Any,
+) -> int:
+    """How many leading tokens of `text` (a rendering of `messages`) hold its BOS token and
+    system turn."""
+    chars = protected_head(messages, text, template, tokenizer)
+    return next((i for i, (_, end) in enumerate(offsets) if end > chars), len(offsets))
 
-    Returns the example and whether it was truncated; raises `Dropped` to drop it.
+
+def tokenize_rendering(
+    rendering: Rendering,
+    messages: list[Message],
+    tokenizer: Any,
+    template: ChatTemplate,
+    cfg: DataConfig,
+) -> Tokenized:
+    """Token ids and loss mask for one rendering of an SFT conversation.
+
+    The last trained turn is the completion truncation keeps from its start; everything
+    before it is the prompt. Raises `Dropped` to drop the example.
     """
-    text, spans = assistant_spans(conv.messages, template, tokenizer)
-    ids, mask, offsets = encode_with_spans(text[: spans[-1][1]], spans, tokenizer)
+    ids, mask, offsets = encode_with_spans(rendering.text, rendering.spans, tokenizer)
     if cfg.train_on_prompt:
         mask = [True] * len(ids)
-    last = next(i for i, (_, end) in enumerate(offsets) if end > spans[-1][0])
+    last = next(i for i, (_, end) in enumerate(offsets) if end > rendering.spans[-1][0])
     plan = plan_truncation(last, len(ids) - last, cfg.max_length, prompt_limit(cfg), cfg.truncation)
     if plan is None:
-        raise Dropped("longer than max_length")
+        raise Dropped(LONGER_THAN_MAX)
     keep_prompt, keep_completion = plan
-    window = slice(last - keep_prompt, last + keep_completion)
-    return TokenizedExample(ids[window], mask[window]), (keep_prompt, keep_completion) != (
-        last,
-        len(ids) - last,
+    if (keep_prompt, keep_completion) == (last, len(ids) - last):
+        return Tokenized(TokenizedExample(ids, mask))
+    head = head_tokens(messages, rendering.text, offsets, template, tokenizer)
+    end = last + keep_completion
+    return Tokenized(
+        TokenizedExample(
+            cut_prompt(ids[:last], keep_prompt, head) + ids[last:end],
+            cut_prompt(mask[:last], keep_prompt, head) + mask[last:end],
+        ),
+        truncated=True,
     )
 
 
+@dataclass(frozen=True)
+class Completion:
+    """Completion ids and which of them are scored."""
+
+    ids: list[int]
+    mask: list[bool]
+
+    def cut(self, keep: int) -> Completion:
+        return Completion(self.ids[:keep], self.mask[:keep])
+
+    def stored_mask(self) -> list[bool] | None:
+        return None if all(self.mask) else self.mask
+
+
 def encode_completion(
-    prompt: list[Message],
-    prompt_text: str,
-    prompt_ids: list[int],
-    completion: list[Message],
-    template: ChatTemplate,
-    tokenizer: Any,
-) -> tuple[list[int], bool]:
-    """Completion ids that follow `prompt_ids`, ending with the end-of-turn token.
+    branch: Rendering, prompt_text: str, prompt_ids: list[int], tokenizer: Any
+) -> tuple[Completion, bool]:
+    """The branch's ids after `prompt_ids`, its assistant turns scored.
 
-    Returns the ids and whether the joint tokenization had to be split at the boundary.
+    Returns the completion and whether the joint tokenization had to be split at the boundary.
     """
-    text, spans = assistant_spans(prompt + completion, template, tokenizer)
-    text = text[: spans[-1][1]]
-    if not text.startswith(prompt_text):
-        raise AlignkitError(
-            f"Chat template '{template.name}' renders the prompt differently when a completion "
-            "follows it; pick another template with --chat-template."
-        )
-    full = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if full[: len(prompt_ids)] == prompt_ids:
-        return list(full[len(prompt_ids) :]), False
-    return list(tokenizer(text[len(prompt_text) :], add_special_tokens=False)["input_ids"]), True
+    ids, mask, _ = encode_with_spans(branch.text, branch.spans, tokenizer)
+    if ids[: len(prompt_ids)] == prompt_ids:
+        return Completion(ids[len(prompt_ids) :], mask[len(prompt_ids) :]), False
+    shift = len(prompt_text)
+    spans = [(start - shift, end - shift) for start, end in branch.spans]
+    ids, mask, _ = encode_with_spans(branch.text[shift:], spans, tokenizer)
+    return Completion(ids, mask), True
 
 
-def check_completion(ids: list[int], eot_id: int, turns: int) -> None:
-    """The end-of-turn token closes the completion and appears once per assistant turn."""
-    if not ids or ids[-1] != eot_id or ids.count(eot_id) != turns:
-        raise Dropped("end-of-turn marker inside the text")
+def check_completion(completion: Completion, eot_id: int, turns: int) -> None:
+    """The end-of-turn token closes the completion and each scored turn, and only them."""
+    scored = [t for t, m in zip(completion.ids, completion.mask, strict=True) if m]
+    if not scored or completion.ids[-1] != eot_id or scored.count(eot_id) != turns:
+        raise Dropped(END_OF_TURN_INSIDE)
 
 
-def tokenize_pair(
-    pair: PreferencePair, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
-) -> tuple[TokenizedPair, bool, bool]:
-    """Returns the pair, whether it was truncated, and whether it was re-tokenized at the boundary."""
-    prompt_text = render(pair.prompt, template, tokenizer, add_generation_prompt=True)
-    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+@dataclass(frozen=True)
+class Prompted:
+    """A prompt's ids and the completions that continue it, fitted to max_length."""
+
+    prompt_ids: list[int]
+    completions: list[Completion]
+    truncated: bool
+    retokenized: bool
+
+
+def tokenize_prompted(
+    prompt: list[Message],
+    completions: list[list[Message]],
+    tokenizer: Any,
+    template: ChatTemplate,
+    cfg: DataConfig,
+) -> Prompted:
+    """Shared prompt ids and one scored completion per branch, truncated together."""
+    branches = [completion_rendering(prompt, c, template, tokenizer) for c in completions]
+    prompt_text = shared_prompt(prompt, branches, template, tokenizer)
+    prompt_ids, _, offsets = encode_with_spans(prompt_text, [], tokenizer)
+    encoded = [encode_completion(b, prompt_text, prompt_ids, tokenizer) for b in branches]
     eot_id = tokenizer.convert_tokens_to_ids(template.end_of_turn)
-    completions, split = [], False
-    for completion in (pair.chosen, pair.rejected):
-        ids, was_split = encode_completion(
-            pair.prompt, prompt_text, prompt_ids, completion, template, tokenizer
-        )
-        check_completion(ids, eot_id, sum(m["role"] == "assistant" for m in completion))
-        completions.append(ids)
-        split |= was_split
-    longest = max(map(len, completions))
+    for (completion, _), branch in zip(encoded, branches, strict=True):
+        check_completion(completion, eot_id, len(branch.spans))
+    longest = max(len(c.ids) for c, _ in encoded)
     plan = plan_truncation(
         len(prompt_ids), longest, cfg.max_length, prompt_limit(cfg), cfg.truncation
     )
     if plan is None:
-        raise Dropped("longer than max_length")
+        raise Dropped(LONGER_THAN_MAX)
     keep_prompt, keep_completion = plan
-    tokenized = TokenizedPair(
-        prompt_ids[len(prompt_ids) - keep_prompt :],
-        completions[0][:keep_completion],
-        completions[1][:keep_completion],
+    truncated = (keep_prompt, keep_completion) != (len(prompt_ids), longest)
+    if keep_prompt < len(prompt_ids):
+        head = head_tokens(prompt, prompt_text, offsets, template, tokenizer)
+        prompt_ids = cut_prompt(prompt_ids, keep_prompt, head)
+    fitted = [c.cut(keep_completion) for c, _ in encoded]
+    if not all(any(c.mask) for c in fitted):
+        raise Dropped(NO_ASSISTANT_TOKENS)
+    return Prompted(prompt_ids, fitted, truncated, any(split for _, split in encoded))
+
+
+def tokenize_pair(
+    pair: PreferencePair, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
+) -> Tokenized:
+    """The pair's prompt and completions; a pair whose branches end up token-identical
+    is dropped."""
+    fitted = tokenize_prompted(pair.prompt, [pair.chosen, pair.rejected], tokenizer, template, cfg)
+    chosen, rejected = fitted.completions
+    if chosen == rejected:
+        raise Dropped(IDENTICAL_AFTER_TRUNCATION if fitted.truncated else IDENTICAL_AFTER_RENDERING)
+    item = TokenizedPair(
+        fitted.prompt_ids,
+        chosen.ids,
+        rejected.ids,
+        chosen_mask=chosen.stored_mask(),
+        rejected_mask=rejected.stored_mask(),
     )
-    return tokenized, (keep_prompt, keep_completion) != (len(prompt_ids), longest), split
+    return Tokenized(item, fitted.truncated, fitted.retokenized)
 
 
 def tokenize_feedback(
     item: Feedback, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
-) -> tuple[TokenizedFeedback, bool, bool]:
-    as_pair = PreferencePair(item.prompt, item.completion, item.completion)
-    tokenized, truncated, split = tokenize_pair(as_pair, tokenizer, template, cfg)
-    return (
-        TokenizedFeedback(tokenized.prompt_ids, tokenized.chosen_ids, item.label),
-        truncated,
-        split,
+) -> Tokenized:
+    fitted = tokenize_prompted(item.prompt, [item.completion], tokenizer, template, cfg)
+    (completion,) = fitted.completions
+    tokenized = TokenizedFeedback(
+        fitted.prompt_ids, completion.ids, item.label, completion.stored_mask()
     )
+    return Tokenized(tokenized, fitted.truncated, fitted.retokenized)
 
 
 def check_prompt_limit(cfg: DataConfig) -> None:
@@ -216,19 +346,33 @@ def tokenize_examples(
     report = TokenizeReport(rows=len(examples))
     out = []
     for example in examples:
-        try:
-            if isinstance(example, Conversation):
-                item, truncated = tokenize_conversation(example, tokenizer, template, cfg)
-                split = False
-            elif isinstance(example, PreferencePair):
-                item, truncated, split = tokenize_pair(example, tokenizer, template, cfg)
-            else:
-                item, truncated, split = tokenize_feedback(example, tokenizer, template, cfg)
-        except Dropped as why:
-            report.dropped[str(why)] += 1
-            continue
-        report.truncated += truncated
-        report.retokenized_at_boundary += split
-        out.append(item)
+        attempts = _attempts(example, tokenizer, template, cfg)
+        if len(attempts) > 1:
+            report.split_rows += 1
+            report.split_examples += len(attempts)
+        for attempt in attempts:
+            try:
+                done = attempt()
+            except Dropped as why:
+                report.dropped[str(why)] += 1
+                continue
+            report.truncated += done.truncated
+            report.retokenized_at_boundary += done.retokenized
+            out.append(done.item)
     report.kept = len(out)
     return out, report
+
+
+def _attempts(
+    example: Example, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
+) -> list[Callable[[], Tokenized]]:
+    """One tokenization per example the row makes (a conversation: one per rendering)."""
+    if isinstance(example, PreferencePair):
+        return [partial(tokenize_pair, example, tokenizer, template, cfg)]
+    if isinstance(example, Feedback):
+        return [partial(tokenize_feedback, example, tokenizer, template, cfg)]
+    renderings = assistant_renderings(example.messages, template, tokenizer)
+    return [
+        partial(tokenize_rendering, r, example.messages, tokenizer, template, cfg)
+        for r in renderings
+    ]
