@@ -50,8 +50,9 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def check_resume(train, make_recipe, tmp_path: Path, monkeypatch, weights: str) -> None:
-    """A run killed after its second checkpoint and resumed logs the same losses and ends
-    with the same weights as an uninterrupted run (make_recipe: 6 steps, save every 2)."""
+    """A run killed while writing its third checkpoint (steps 5 and 6 logged, the last
+    checkpoint at step 4) and resumed logs each step once, the same losses, and ends with
+    the same weights as an uninterrupted run (make_recipe: 6 steps, save every 2)."""
     import torch
     from safetensors.torch import load_file
 
@@ -63,21 +64,25 @@ def check_resume(train, make_recipe, tmp_path: Path, monkeypatch, weights: str) 
     original = loop.save_checkpoint
     calls = {"n": 0}
 
-    def crash_after_second_save(*args, **kwargs):
-        path = original(*args, **kwargs)
+    def killed_in_third_save(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:
             raise KeyboardInterrupt
-        return path
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_second_save)
+    monkeypatch.setattr(loop, "save_checkpoint", killed_in_third_save)
     r = make_recipe(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
         train(r)
+    killed = read_metrics(Path(r.train.output_dir) / "metrics.jsonl")
+    assert [x["step"] for x in killed][-2:] == [5, 6]
     monkeypatch.setattr(loop, "save_checkpoint", original)
     r.train.resume = "auto"
     resumed = train(r)
-    got = [x["loss"] for x in read_metrics(resumed / "metrics.jsonl") if "loss" in x]
+    records = read_metrics(resumed / "metrics.jsonl")
+    steps = [x["step"] for x in records]
+    assert steps == sorted(set(steps))  # strictly increasing: no step logged twice
+    got = [x["loss"] for x in records if "loss" in x]
     assert len(got) == 6
     assert got == pytest.approx(expected, abs=1e-6)
     a, b = load_file(full / weights), load_file(resumed / weights)

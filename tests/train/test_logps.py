@@ -19,6 +19,7 @@ from alignkit.data.batching import (
     pack_rows,
     pad_batch,
     pair_batch,
+    with_kl_completions,
 )
 from alignkit.data.tokenize import TokenizedExample, TokenizedFeedback, TokenizedPair
 from alignkit.losses.preference import LossParams, PairLogps, combined_loss
@@ -177,10 +178,10 @@ def test_reference_pass_without_gradients_equals_the_plain_sums(untied_model_dir
 
 def test_padding_free_feedback_gives_the_plain_sums(tiny_model_dir):
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
-    items = [
-        TokenizedFeedback([1, 5, 6], [7, 8, 2], True),
-        TokenizedFeedback([1, 9], [4, 2], False),
-    ]
+    items = with_kl_completions(
+        [TokenizedFeedback([1, 5, 6], [7, 8, 2], True), TokenizedFeedback([1, 9], [4, 2], False)],
+        [],
+    )
     plain = sequence_logps(model, feedback_batch(items, 0, 64), 0)[0]
     fast = sequence_logps(model, feedback_batch(items, 0, 64, flat=True), 4)[0]
     assert torch.allclose(plain, fast, atol=TOL)

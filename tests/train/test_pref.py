@@ -11,7 +11,7 @@ import alignkit.train.pref as pref
 import alignkit.train.reference as reference
 from alignkit.cli import main
 from alignkit.config import ModelConfig, load_recipe
-from alignkit.data.batching import IGNORE, feedback_batch, pair_batch
+from alignkit.data.batching import IGNORE, feedback_batch, pair_batch, with_kl_completions
 from alignkit.data.tokenize import TokenizedFeedback, TokenizedPair
 from alignkit.errors import AlignkitError
 from alignkit.models import load_model
@@ -72,11 +72,21 @@ def test_pair_batch_scores_completions_only():
 
 def test_feedback_batch_pairs_each_prompt_with_the_next_completion():
     items = [TokenizedFeedback([1, 5], [6, 2], True), TokenizedFeedback([1, 7], [8, 9, 2], False)]
-    batch = feedback_batch(items, pad_id=0, max_length=64)
+    batch = feedback_batch(with_kl_completions(items, []), pad_id=0, max_length=64)
     assert batch.desirable.tolist() == [True, False]
     assert batch.input_ids[2, :5].tolist() == [1, 5, 8, 9, 2]  # prompt 0 + completion 1
     assert batch.input_ids[3, :4].tolist() == [1, 7, 6, 2]  # prompt 1 + completion 0
     assert batch.trained_tokens == 2 + 3  # the KL sequences are scored, not trained
+
+
+def test_kl_completions_come_from_the_next_row_or_the_other_split():
+    rows = [TokenizedFeedback([1], [10 + i], True) for i in range(3)]
+    paired = with_kl_completions(rows, [])
+    assert [r.kl_completion_ids for r in paired] == [[11], [12], [10]]
+    one = [TokenizedFeedback([1], [20], False)]
+    assert with_kl_completions(one, rows)[0].kl_completion_ids == [10]
+    with pytest.raises(AlignkitError, match="only one row"):
+        with_kl_completions(one, [])
 
 
 def test_sequence_logps_equal_a_full_log_softmax(tiny_model_dir):
@@ -234,6 +244,55 @@ def test_kto_trains_on_unpaired_feedback(tmp_path, tiny_model_dir):
     records = read_metrics(out / "metrics.jsonl")
     assert len(records) == 4 and all("kl" in r and r["kl"] >= 0 for r in records)
     assert records[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # policy = reference: 1 - sigma(0)
+
+
+def kto_parts(tmp_path, model_dir, monkeypatch, rows, **settings) -> dict:
+    """What train_pref hands the loop for a KTO run (rows, eval rows, batch maker)."""
+    parts = {}
+
+    def capture(run, **given):
+        parts.update(given, eval_rows=run.data.eval_rows)
+
+    monkeypatch.setattr(pref, "train_and_save", capture)
+    train_pref(recipe(tmp_path, model_dir, rows=rows, **{"pref.loss": "kto", **settings}))
+    return parts
+
+
+def test_kto_batches_of_one_score_another_rows_completion(tmp_path, tiny_model_dir, monkeypatch):
+    other = make_tiny_llama(load_tokenizer_for(tiny_model_dir), tmp_path / "ref", seed=3)
+    held_out = {
+        "messages": [
+            {"role": "user", "content": "Say perhaps."},
+            {"role": "assistant", "content": "perhaps"},
+        ],
+        "label": True,
+    }
+    settings = {
+        "pref.ref_model": str(other),
+        "train.micro_batch_size": 1,
+        "data.eval_sources": str(write_jsonl(tmp_path / "eval.jsonl", [held_out])),
+    }
+    parts = kto_parts(tmp_path, tiny_model_dir, monkeypatch, FEEDBACK, **settings)
+    rows = parts["rows"] + parts["eval_rows"]
+    assert len(parts["eval_rows"]) == 1
+    policy = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    ref = load_model(ModelConfig(name_or_path=str(other)))
+    for row in rows:
+        batch = parts["make_batch"]([row])
+        kl_completion = batch.labels[batch.owner == 1].tolist()
+        assert kl_completion != row.completion_ids
+        assert any(kl_completion == r.completion_ids for r in rows if r is not row)
+        with torch.no_grad():
+            ratio = sequence_logps(policy, batch)[0] - sequence_logps(ref, batch)[0]
+        # the KL estimate is not the example's own log-ratio (its reward / beta)
+        assert ratio[1].item() != pytest.approx(ratio[0].item(), abs=1e-4)
+
+
+def test_kto_on_a_single_row_is_refused(tmp_path, tiny_model_dir):
+    settings = {"pref.loss": "kto", "train.micro_batch_size": 1}
+    with pytest.raises(AlignkitError, match="only one row"):
+        train_pref(recipe(tmp_path, tiny_model_dir, rows=FEEDBACK[:1], **settings))
+    assert not (tmp_path / "out").exists()
 
 
 def test_apo_zero_learns_and_logs_trl_metrics(tmp_path, tiny_model_dir):

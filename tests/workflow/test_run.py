@@ -112,6 +112,32 @@ def test_unchanged_stages_skip_and_a_change_reruns_from_there(tmp_path, tiny_mod
     assert "== card: rerun asked for (--from)" in fourth and "== eval (eval)" not in fourth
 
 
+def test_a_stage_rerun_alone_leaves_the_later_stages_stale(tmp_path, tiny_model_dir, monkeypatch):
+    ran: list[str] = []
+
+    def fake_stage(stage, run_dir, workflow, resume):
+        ran.append(stage.id)
+        (run_dir / stage.id).mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr("alignkit.workflow.run.run_stage", fake_stage)
+    path = write_recipe(tmp_path, tiny_model_dir)
+    run(path, tmp_path / "run")
+    assert ran == ["sft", "sft-merged", "pref", "final", "card"]
+    ran.clear()
+    run(path, tmp_path / "run", start="pref", until="pref")
+    assert ran == ["pref"]
+    ran.clear()
+    with pytest.raises(AlignkitError, match="earlier stage 'final' is stale, not done"):
+        run(path, tmp_path / "run", start="card")
+    again = run(path, tmp_path / "run")  # pref's output changed: what was made from it is stale
+    assert ran == ["final", "card"]
+    assert "== pref (pref): unchanged and complete, skipped" in again
+    assert "== final: stale: 'pref' ran again after it; earlier output moved to" in again
+    ran.clear()
+    run(path, tmp_path / "run")
+    assert ran == []
+
+
 def test_interrupted_pref_resumes_and_matches_an_uninterrupted_run(
     tmp_path, tiny_model_dir, monkeypatch
 ):

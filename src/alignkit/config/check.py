@@ -72,7 +72,8 @@ def check_pref(recipe: Recipe) -> None:
         )
     if recipe.pref.precompute_ref and names[0] in FEEDBACK_LOSSES:
         raise AlignkitError(
-            "pref.precompute_ref is not available for kto (its KL pairs change per batch)."
+            "pref.precompute_ref is not available for kto (the reference cache holds "
+            "preference pairs only); remove --precompute-ref."
         )
 
 

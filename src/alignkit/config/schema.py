@@ -175,7 +175,7 @@ class PrefConfig:
     precompute_ref: bool = opt(
         False,
         "Compute reference log-probs once before training and cache them on disk, keyed "
-        "by reference weights and tokenized data (reused by later runs).",
+        "by reference weights, model config and tokenized data (reused by later runs).",
     )
     share_prompt: bool = opt(
         True,

@@ -8,11 +8,12 @@ padding. Packed bins of examples run as padding-free rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from alignkit.data.tokenize import TokenizedExample, TokenizedFeedback, TokenizedPair
+from alignkit.errors import AlignkitError
 
 IGNORE = -100
 
@@ -307,22 +308,47 @@ def flat_batch(examples: list[TokenizedExample]) -> Batch:
     return Batch(ids, labels, torch.ones_like(ids), positions, ids.shape[1], blocks)
 
 
+def with_kl_completions(
+    rows: list[TokenizedFeedback], spare: list[TokenizedFeedback]
+) -> list[TokenizedFeedback]:
+    """Each row with the next row's completion as its mismatched KL completion (the last
+    row takes the first's), fixed per row so that a batch of one still has a true pair.
+
+    A single row takes the first of `spare` (the other split); a single row in all is an
+    error, as it has no other completion to pair with.
+    """
+    donors = rows if len(rows) > 1 else rows + spare
+    if len(donors) == 1:
+        raise AlignkitError(
+            "KTO scores each prompt with another row's completion for its KL estimate, and "
+            "the data has only one row. Add rows to data.sources."
+        )
+    return [
+        replace(
+            row, kl_completion_ids=donor.completion_ids, kl_completion_mask=donor.completion_mask
+        )
+        for row, donor in zip(rows, donors[1:] + donors[:1], strict=False)
+    ]
+
+
 def feedback_batch(
     items: list[TokenizedFeedback], pad_id: int, max_length: int, flat: bool = False
 ) -> SequenceBatch:
-    """Completions, then each prompt with the next item's completion (KTO's KL estimate).
+    """Completions, then each prompt with its row's KL completion (KTO's KL estimate).
 
     A mismatched sequence is cut to `max_length` (its completion end is dropped).
     """
     matched = [(f.prompt_ids, f.completion_ids, f.completion_mask) for f in items]
-    shifted = [mismatched(f, items[(i + 1) % len(items)], max_length) for i, f in enumerate(items)]
+    shifted = [mismatched(f, max_length) for f in items]
     batch = sequences_batch(matched + shifted, len(items), pad_id, flat)
     batch.desirable = torch.tensor([f.label for f in items], dtype=torch.bool)
     return batch
 
 
-def mismatched(item: TokenizedFeedback, other: TokenizedFeedback, max_length: int) -> Sequence:
-    """`item`'s prompt with `other`'s completion, cut to `max_length`."""
+def mismatched(item: TokenizedFeedback, max_length: int) -> Sequence:
+    """`item`'s prompt with its KL completion (another row's), cut to `max_length`."""
+    if item.kl_completion_ids is None:
+        raise ValueError("feedback rows need their KL completions: see with_kl_completions")
     keep = max_length - len(item.prompt_ids)
-    mask = None if other.completion_mask is None else other.completion_mask[:keep]
-    return item.prompt_ids, other.completion_ids[:keep], mask
+    mask = None if item.kl_completion_mask is None else item.kl_completion_mask[:keep]
+    return item.prompt_ids, item.kl_completion_ids[:keep], mask

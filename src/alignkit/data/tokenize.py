@@ -68,10 +68,15 @@ class TokenizedPair:
 
 @dataclass
 class TokenizedFeedback:
+    """One unpaired completion; `kl_completion_ids` is another row's completion, scored
+    after this prompt for KTO's KL estimate (set by `batching.with_kl_completions`)."""
+
     prompt_ids: list[int]
     completion_ids: list[int]
     label: bool
     completion_mask: list[bool] | None = None  # scored completion tokens; None: all
+    kl_completion_ids: list[int] | None = None
+    kl_completion_mask: list[bool] | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from alignkit.errors import AlignkitError
 from alignkit.rundir.names import PREVIOUS
+from alignkit.rundir.read import read_metrics
 
 
 def _process_umask() -> int:
@@ -233,3 +234,20 @@ def write_text(path: Path, text: str) -> Path:
 def write_json(path: Path, data: Any) -> Path:
     """Indented JSON, written atomically."""
     return write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def metrics_line(record: dict[str, float]) -> str:
+    return json.dumps(record) + "\n"
+
+
+def append_metrics(path: Path, record: dict[str, float]) -> None:
+    """One record at the end of a metrics.jsonl (a line is appended, never rewritten)."""
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(metrics_line(record))
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the records past `step`: what a killed run logged after the checkpoint it
+    resumes from, which the resumed run logs again (rewritten atomically)."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    write_text(path, "".join(metrics_line(r) for r in kept))

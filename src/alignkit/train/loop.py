@@ -12,7 +12,6 @@ and resumes exactly.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -86,14 +85,21 @@ def next_positions(
 
 
 class MetricsLog:
-    """metrics.jsonl on the main process, plus TensorBoard or W&B when asked."""
+    """metrics.jsonl on the main process, plus TensorBoard or W&B when asked.
 
-    def __init__(self, path: Path, report_to: str, active: bool, append: bool):
+    A fresh run starts an empty file; a run resumed from the checkpoint of `resumed_step`
+    keeps the records up to it (the steps after it are logged again). TensorBoard and W&B
+    get a new event file or run and show such steps twice.
+    """
+
+    def __init__(self, path: Path, report_to: str, active: bool, resumed_step: int | None):
         self.path, self.active, self.writer, self.wandb = path, active, None, None
         if not active:
             return
-        if not append:
-            path.write_text("")
+        if resumed_step is None:
+            rundir.write_text(path, "")
+        else:
+            rundir.keep_metrics_until(path, resumed_step)
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -106,8 +112,7 @@ class MetricsLog:
     def log(self, record: dict[str, float]) -> None:
         if not self.active:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        rundir.append_metrics(self.path, record)
         step = int(record["step"])
         if self.writer:
             for key, value in record.items():
@@ -176,6 +181,18 @@ def summed_means(
     return dict(zip(totals, means.tolist(), strict=True))
 
 
+def eval_chunks(rows: list[Any], size: int, rank: int, world: int) -> list[list[Any]]:
+    """This process's eval micro-batches: rows rank, rank + world, ... in chunks of `size`.
+
+    Every process gets as many chunks as rank 0 (the most rows), so all run the same
+    forwards (FSDP / ZeRO-3 gather weights in each) and reduce the same metric keys; a
+    process out of rows gets empty chunks.
+    """
+    shard = rows[rank::world]
+    chunks = math.ceil(len(rows[::world]) / size)
+    return [shard[i * size : (i + 1) * size] for i in range(chunks)]
+
+
 @torch.no_grad()
 def evaluate(parts: LoopParts) -> dict[str, float]:
     """eval_loss and eval_<metric>: means over the held-out rows' units (all processes)."""
@@ -184,14 +201,15 @@ def evaluate(parts: LoopParts) -> dict[str, float]:
     totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=acc.device)}
     count_total = torch.zeros((), device=acc.device)
     size = parts.cfg.micro_batch_size
-    shard = parts.eval_rows[acc.process_index :: acc.num_processes]
-    for start in range(0, len(shard), size):
-        batch = parts.make_eval_batch(shard[start : start + size]).to(acc.device)
+    for chunk in eval_chunks(parts.eval_rows, size, acc.process_index, acc.num_processes):
+        # an empty chunk scores a stand-in row (the metric keys, the forward) that adds 0
+        batch = parts.make_eval_batch(chunk or parts.eval_rows[:1]).to(acc.device)
         with acc.autocast():
             loss_sum, count, metrics = parts.loss_sums(model, batch)
         for key, value in {"loss": loss_sum, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + value.detach().float()
-        count_total += count.float()
+            value = value.detach().float()
+            totals[key] = totals.get(key, 0.0) + (value if chunk else torch.zeros_like(value))
+        count_total += count.float() if chunk else 0.0
     model.train()
     means = summed_means(acc, totals, acc.reduce(count_total, "sum").cpu())
     return {f"eval_{k}": v for k, v in means.items()}
@@ -210,7 +228,7 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
         parts.output_dir / rundir.METRICS,
         cfg.report_to,
         acc.is_main_process,
-        resume_from is not None,
+        state.step if resume_from is not None else None,
     )
     trainable = [p for p in parts.model.parameters() if p.requires_grad]
     if cfg.eval_on_start and parts.eval_rows and state.step == 0:

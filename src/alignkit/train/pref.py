@@ -19,7 +19,7 @@ from rich.console import Console
 from alignkit import rundir
 from alignkit.config import PrefConfig, Recipe
 from alignkit.config.check import check, loss_plan
-from alignkit.data.batching import SequenceBatch, feedback_batch, pair_batch
+from alignkit.data.batching import SequenceBatch, feedback_batch, pair_batch, with_kl_completions
 from alignkit.data.tokenize import TokenizedPair
 from alignkit.errors import AlignkitError
 from alignkit.losses.preference import (
@@ -221,6 +221,16 @@ def pref_loss_sums(run: StageRun, names: list[str], weights: list[float], ref_mo
     )
 
 
+def pair_kl_completions(data: StageData) -> None:
+    """KTO: every train row takes its KL completion from another train row, every eval row
+    from another eval row (from a train row, when there is a single eval row)."""
+    train, held = data.train_rows, data.eval_rows
+    data.train_rows, data.eval_rows = (
+        with_kl_completions(train, held),
+        with_kl_completions(held, train),
+    )
+
+
 def pref_batcher(run: StageRun, feedback: bool) -> Callable[[list[Any]], SequenceBatch]:
     pad_id = run.data.tokenizer.pad_token_id
     if feedback:
@@ -240,6 +250,8 @@ def train_pref(recipe: Recipe, console: Console | None = None) -> Path:
     names, weights = loss_plan(recipe.pref)
     feedback = names[0] in FEEDBACK_LOSSES
     run = prepare_stage(recipe, "pref", ("feedback",) if feedback else ("pair",), console)
+    if feedback:
+        pair_kl_completions(run.data)
     if recipe.pref.disable_dropout:
         disable_dropout(run.model)
     ref_model = prepare_reference(run) if needs_reference(names) else None

@@ -1,9 +1,9 @@
 """Reference log-probs: the policy with its adapter off, a frozen model, or a disk cache.
 
-Reference log-probs depend only on (reference weights, tokenized data, batching), so
-`pref.precompute_ref` computes them once before training and stores them under
-`$ALIGNKIT_CACHE/ref_logps/<model fingerprint>-<data fingerprint>.safetensors`; a later
-run on the same model and data (any other hyperparameters) reuses the file.
+Reference log-probs depend only on (reference weights and config, tokenized data,
+batching), so `pref.precompute_ref` computes them once before training and stores them
+under `$ALIGNKIT_CACHE/ref_logps/<model fingerprint>-<data fingerprint>.safetensors`; a
+later run on the same model and data (any other hyperparameters) reuses the file.
 """
 
 from __future__ import annotations
@@ -54,13 +54,40 @@ def reference_scorer(policy: Any, unwrapped: Any, ref_model: Any | None, chunk: 
     return score
 
 
-def model_fingerprint(model: Any) -> str:
-    """A cheap, content-based id of the weights a reference pass uses.
+# config keys that name or describe a model without changing what it computes (the
+# attention kernel is the scorer's choice; the weights' dtype is hashed with the weights)
+UNSCORED_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "name_or_path",
+        "_commit_hash",
+        "transformers_version",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "_attn_implementation_internal",
+        "dtype",
+        "torch_dtype",
+    }
+)
 
-    Hashes every tensor's name, shape, dtype, float64 sum and a strided sample of its
-    values; LoRA weights are left out (the reference runs with the adapter off).
+
+def scored_config(config: Any) -> Any:
+    """A model config's `to_dict()` less the keys in UNSCORED_CONFIG_KEYS, at every depth."""
+    if isinstance(config, dict):
+        return {k: scored_config(v) for k, v in config.items() if k not in UNSCORED_CONFIG_KEYS}
+    return config
+
+
+def model_fingerprint(model: Any) -> str:
+    """A cheap, content-based id of the function a reference pass computes.
+
+    Hashes the model config (rope_theta, norm epsilon, ...: see `scored_config`) and
+    every tensor's name, shape, dtype, float64 sum and a strided sample of its values;
+    LoRA weights are left out (the reference runs with the adapter off).
     """
     digest = hashlib.sha256()
+    config = scored_config(model.config.to_dict())
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" in name:
             continue
@@ -73,10 +100,12 @@ def model_fingerprint(model: Any) -> str:
 
 
 def data_fingerprint(pairs: list[TokenizedPair], method: str) -> str:
-    """The tokenized pairs and how they are batched: the policy's own step-0 log-probs then
-    equal the cached ones bit for bit (a different layout differs in the last float bits,
-    enough to break step-0 reward ties)."""
-    ids = [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs]
+    """The tokenized pairs (ids and scored-token masks) and how they are batched: the
+    policy's own step-0 log-probs then equal the cached ones bit for bit (a different
+    layout differs in the last float bits, enough to break step-0 reward ties)."""
+    ids = [
+        [p.prompt_ids, p.chosen_ids, p.rejected_ids, p.chosen_mask, p.rejected_mask] for p in pairs
+    ]
     return hashlib.sha256(json.dumps([method, ids]).encode()).hexdigest()
 
 

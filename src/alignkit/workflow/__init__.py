@@ -1,7 +1,7 @@
 """`alignkit run`: a recipe's stages (sft, pref, merge, eval, card) in order, in one run dir.
 
-`plan` parses and links the stages, `state` fingerprints them and decides what to do,
-`run` carries them out, `check` validates a dry run, `summary` writes summary.md.
+`plan` parses and links the stages, `state` fingerprints them (`digest` reads what they
+take from disk) and decides what to do, `run` carries them out, `check` validates a dry run, `summary` writes summary.md.
 """
 
 from alignkit.workflow.check import describe, validate

@@ -16,6 +16,7 @@ from alignkit.workflow.plan import BASE, MODEL_MAKERS, TRAINING, PlannedStage, W
 from alignkit.workflow.state import (
     assign_fingerprints,
     decide,
+    mark_stale,
     read_state,
     set_aside,
     stage_config,
@@ -117,10 +118,26 @@ def execute(
     write_state(run_dir, stage, status="done", config=stage_config(stage), seconds=seconds)
 
 
-def rerun_reason(start: str | None, first_of_selection: bool, rerun_from: str | None) -> str:
+def rerun_reason(
+    start: str | None, first_of_selection: bool, rerun_from: str | None, state: dict
+) -> str:
     if start and first_of_selection:
         return "rerun asked for (--from)"
-    return "an earlier stage reran" if rerun_from else "settings or inputs changed"
+    if rerun_from:
+        return "an earlier stage reran"
+    if state.get("status") == "stale":
+        return f"stale: {state.get('cause')}"
+    return "settings or inputs changed"
+
+
+def check_done(earlier: list[PlannedStage], run_dir: Path, start: str | None) -> None:
+    """--from: the stages before it have finished (their outputs are taken as they are)."""
+    for stage in earlier:
+        if (status := read_state(run_dir, stage).get("status")) != "done":
+            raise AlignkitError(
+                f"--from {start}: earlier stage '{stage.id}' is {status or 'not run'}, not "
+                f"done. Run it first (--from {stage.id}, or no --from)."
+            )
 
 
 def run_workflow(
@@ -134,19 +151,18 @@ def run_workflow(
     assign_fingerprints(workflow)
     first, last = select(workflow.stages, start, until)
     rundir.write_text(run_dir / rundir.RECIPE, workflow.path.read_text(encoding="utf-8"))
+    check_done(workflow.stages[:first], run_dir, start)
     rerun_from = None
-    for index, stage in enumerate(workflow.stages[: last + 1]):
-        if index < first:
-            if read_state(run_dir, stage).get("status") != "done":
-                raise AlignkitError(f"--from {start}: earlier stage '{stage.id}' has not finished.")
-            continue
+    for index, stage in enumerate(workflow.stages[first : last + 1], start=first):
         forced = rerun_from is not None or (start is not None and index == first)
         state = read_state(run_dir, stage)
         action = decide(state, run_dir, stage, forced)
         if action == "skip":
             say(f"== {stage.id} ({stage.kind}): unchanged and complete, skipped")
             continue
-        reason = rerun_reason(start, index == first, rerun_from)
+        reason = rerun_reason(start, index == first, rerun_from, state)
+        if rerun_from is None:  # what comes after --until was made from the old output
+            mark_stale(run_dir, workflow.stages[last + 1 :], f"'{stage.id}' ran again after it")
         rerun_from = rerun_from or stage.id
         if action == "run" and (moved := set_aside(run_dir, stage)):
             say(f"== {stage.id}: {reason}; earlier output moved to {moved}")
