@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from alignkit.data.batching import IGNORE, SequenceBatch, feedback_batch, pair_batch
+from alignkit.data.batching import (
+    IGNORE,
+    SequenceBatch,
+    feedback_batch,
+    pair_batch,
+    with_kl_completions,
+)
 from alignkit.data.tokenize import TokenizedFeedback, TokenizedPair
 
 
@@ -31,6 +37,6 @@ def test_feedback_masks_follow_their_completion_into_the_kl_sequences():
         TokenizedFeedback([1], [3, 4, 5], True, completion_mask=[True, False, True]),
         TokenizedFeedback([2], [6, 7], False),
     ]
-    batch = feedback_batch(items, pad_id=0, max_length=3)
+    batch = feedback_batch(with_kl_completions(items, []), pad_id=0, max_length=3)
     # slots 2 and 3: each prompt with the next item's completion, cut to max_length
     assert scored(batch) == [[3, 5], [6, 7], [6, 7], [3]]
