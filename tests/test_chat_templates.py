@@ -235,3 +235,24 @@ def test_template_whose_reply_cannot_be_located_is_refused(smol_tokenizer, tmp_p
     template = resolve_template(str(path), smol_tokenizer)
     with pytest.raises(AlignkitError, match="does not render turn 1 after the text"):
         assistant_renderings(MULTI_TURN[1:3], template, smol_tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("name", "end_of_turn"),
+    [("llama3_1", "<|eot_id|>"), ("gemma3", "<end_of_turn>"), ("phi3", "<|end|>")],
+)
+def test_turn_markers_the_tokenizer_lacks_are_added_as_single_tokens(
+    smol_tokenizer, name, end_of_turn
+):
+    import copy
+
+    from support import TEMPLATES
+
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    assert end_of_turn not in tokenizer.get_vocab()
+    template = resolve_template(str(TEMPLATES / f"{name}.jinja"), tokenizer)
+    assert template.end_of_turn == end_of_turn and end_of_turn in template.added_tokens
+    ids = tokenizer(end_of_turn, add_special_tokens=False)["input_ids"]
+    assert ids == [tokenizer.convert_tokens_to_ids(end_of_turn)]
+    again = resolve_template(str(TEMPLATES / f"{name}.jinja"), tokenizer)
+    assert again.added_tokens == ()  # only what was missing is ever added

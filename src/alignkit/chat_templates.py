@@ -93,10 +93,9 @@ class ChatTemplate:
 def resolve_template(spec: str | None, tokenizer: Any) -> ChatTemplate:
     """The template named by `spec` (built-in name or .jinja path), else the tokenizer's own.
 
-    The `chatml` built-in also registers its markers as special tokens when the
-    tokenizer lacks them, so `<|im_end|>` is one token the model can learn to emit.
+    Turn markers the template writes (`<|im_end|>`, `<end_of_turn>`) that the tokenizer
+    lacks are added as special tokens, so each is one token the model can learn to emit.
     """
-    added: list[str] = []
     if spec in (None, "", "auto"):
         source = getattr(tokenizer, "chat_template", None)
         if not source:
@@ -107,8 +106,6 @@ def resolve_template(spec: str | None, tokenizer: Any) -> ChatTemplate:
         name = "tokenizer"
     elif spec in BUILTIN_TEMPLATES:
         source, name = BUILTIN_TEMPLATES[spec], spec
-        if spec == "chatml":
-            added = _ensure_special_tokens(tokenizer, ["<|im_start|>", "<|im_end|>"])
     elif str(spec).endswith(".jinja"):
         path = Path(spec)
         if not path.is_file():
@@ -119,12 +116,24 @@ def resolve_template(spec: str | None, tokenizer: Any) -> ChatTemplate:
             f"Unknown chat template '{spec}'. Use one of {', '.join(BUILTIN_TEMPLATES)}, "
             "a path to a .jinja file, or leave it empty for the tokenizer's own."
         )
+    added = _ensure_special_tokens(tokenizer, template_markers(source, tokenizer))
     return ChatTemplate(
         name=name,
         source=source,
         end_of_turn=_find_end_of_turn(source, tokenizer),
         added_tokens=tuple(added),
     )
+
+
+# turn markers as chat templates write them: <|im_end|>, <|eot_id|>, <end_of_turn>
+MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>|<[a-z]+(?:_[a-z]+)+>")
+
+
+def template_markers(source: str, tokenizer: Any) -> list[str]:
+    """The marker-shaped strings the template writes around a probe conversation."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
+    text = tokenizer.apply_chat_template(probe, chat_template=source, tokenize=False)
+    return list(dict.fromkeys(MARKER.findall(text)))
 
 
 def _ensure_special_tokens(tokenizer: Any, tokens: list[str]) -> list[str]:
