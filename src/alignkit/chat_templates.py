@@ -136,6 +136,18 @@ def template_markers(source: str, tokenizer: Any) -> list[str]:
     return list(dict.fromkeys(MARKER.findall(text)))
 
 
+def check_trained_markers(template: ChatTemplate, model: str) -> None:
+    """For generation and eval: a template whose markers had to be added to the tokenizer
+    asks the model for tokens it was never trained on."""
+    if template.added_tokens:
+        raise AlignkitError(
+            f"Chat template '{template.name}' writes {', '.join(template.added_tokens)}, which "
+            f"the tokenizer of '{model}' does not have, so the model was never trained on "
+            "them. Leave --chat-template empty for the model's own template, or train with "
+            "this one first (alignkit sft adds and trains those tokens)."
+        )
+
+
 def _ensure_special_tokens(tokenizer: Any, tokens: list[str]) -> list[str]:
     """Add the `tokens` the tokenizer lacks as special tokens; returns those added (the
     model's embeddings must grow and train them: see alignkit.models.NewTokens)."""

@@ -258,10 +258,19 @@ def load_model(
 
 
 def grow_embeddings(model: Any, vocab: int) -> None:
-    """Give the model an embedding row for every token id below `vocab` (new rows start
-    at the mean of the old ones, as transformers does)."""
-    if vocab > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(vocab)
+    """Give the model an embedding row for every token id below `vocab`. New rows (and
+    output rows) start at the mean of the old ones, the same in every copy of the model:
+    a policy and its reference grown apart would not start equal."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab <= old:
+        return
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    layers = {model.get_input_embeddings(), model.get_output_embeddings()} - {None}
+    with torch.no_grad():
+        for layer in layers:
+            for param in (layer.weight, getattr(layer, "bias", None)):
+                if param is not None and param.shape[0] == vocab:
+                    param[old:] = param[:old].mean(0)
 
 
 def load_adapter(model: Any, resolved: ResolvedModel, trainable: bool) -> Any:
@@ -276,9 +285,15 @@ def load_adapter(model: Any, resolved: ResolvedModel, trainable: bool) -> Any:
         raise _damaged_error(resolved.adapter, exc) from None
 
 
-def has_fused_experts(model: Any) -> bool:
-    """Whether the model keeps MoE experts as 3-D weights (peft wraps them without dropout)."""
-    return any(p.dim() == 3 for p in model.parameters())
+# module names peft maps onto the fused 3-D expert weights of transformers' MoE models
+EXPERT_TARGETS = {"gate_up_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
+
+
+def adapts_fused_experts(model: Any, targets: Any) -> bool:
+    """Whether LoRA on `targets` reaches MoE experts kept as 3-D weights, which peft
+    adapts without dropout."""
+    reaches = targets == "all-linear" or bool(EXPERT_TARGETS & set(targets))
+    return reaches and any(p.dim() == 3 for p in model.parameters())
 
 
 def token_targets(model: Any, ids: tuple[int, ...]) -> dict[str, list[int]] | None:
@@ -312,7 +327,7 @@ def add_lora(
     else:
         check_lora_targets(model, targets)
     dropout = cfg.dropout
-    if dropout and has_fused_experts(model):
+    if dropout and adapts_fused_experts(model, targets):
         dropout = 0.0
         say(
             f"lora.dropout {cfg.dropout} -> 0: peft applies no dropout to the fused expert "

@@ -15,10 +15,26 @@ def read_json(path: Path) -> Any:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The records of a metrics.jsonl (a missing file has none)."""
+    """The records of a metrics.jsonl (a missing file has none). A last line cut off
+    mid-write (a run killed or a full disk) is left out; damage elsewhere is named."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise AlignkitError(
+                f"{path} line {number} is not a JSON record; the metrics log is damaged. "
+                "Delete that line (or the file, losing the curves) and run again."
+            ) from None
+    return records
 
 
 def metric_values(records: list[dict[str, float]], key: str) -> list[float]:

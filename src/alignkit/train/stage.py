@@ -30,6 +30,7 @@ from alignkit.models import NewTokens, load_model, load_tokenizer, local_paths, 
 from alignkit.plots import plot_curves
 from alignkit.train.attention import base_model, padding_free_problem
 from alignkit.train.checkpoint import TrainState
+from alignkit.train.logps import linear_head
 from alignkit.train.loop import LoopParts, LossFn, check_rows, run_loop, total_steps
 
 
@@ -219,6 +220,12 @@ def prepare_stage(
         console=console,
     )
     keep_exact_layout(run, run.model)
+    if recipe.train.logps_chunk and linear_head(run.model) is None:
+        say(
+            "train.logps_chunk has no effect: the output layer is not a plain linear map "
+            "(wrapped for trainable tokens or LoRA, or its logits soft-capped or scaled), "
+            "so full logits are computed"
+        )
     return run
 
 
