@@ -14,6 +14,7 @@ import torch
 
 from alignkit import rundir
 from alignkit.config import ModelConfig
+from alignkit.console import captured
 from alignkit.errors import AlignkitError
 from alignkit.models import load_model, load_tokenizer, local_paths, resolve, resolve_dtype
 
@@ -40,20 +41,23 @@ def check_merge_paths(adapter_dir: str, out: Path, overwrite: bool) -> str:
 def merge_adapter(
     adapter_dir: str, out: Path, dtype: str = "auto", overwrite: bool = False
 ) -> Path:
-    """Merge `adapter_dir` into its base; write weights, tokenizer and provenance to `out`."""
+    """Merge `adapter_dir` into its base; write weights, tokenizer and provenance to `out`
+    (other libraries' output to its log.txt, not the terminal)."""
     base = check_merge_paths(adapter_dir, out, overwrite)
-    cfg = ModelConfig(name_or_path=adapter_dir, dtype="float32", device="cpu")
-    model = load_model(cfg).merge_and_unload()
-    target = resolve_dtype(dtype, model.device) if dtype != "auto" else _saved_dtype(base)
-    model = model.to(target)
-    with rundir.atomic_dir(out, existing="aside") as tmp:  # an old --out is kept, not deleted
-        model.save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(cfg).save_pretrained(tmp)
-        for name in rundir.TRAINING_RECORD:  # the training record travels with the weights
-            if (Path(adapter_dir) / name).is_file():
-                shutil.copy2(Path(adapter_dir) / name, tmp / name)
-        info = {"adapter": str(Path(adapter_dir).resolve()), "base": base, "dtype": str(target)}
-        rundir.write_json(tmp / rundir.MERGE_INFO, info)
+    with captured() as log:
+        cfg = ModelConfig(name_or_path=adapter_dir, dtype="float32", device="cpu")
+        model = load_model(cfg).merge_and_unload()
+        target = resolve_dtype(dtype, model.device) if dtype != "auto" else _saved_dtype(base)
+        model = model.to(target)
+        with rundir.atomic_dir(out, existing="aside") as tmp:  # an old --out is kept aside
+            model.save_pretrained(tmp, safe_serialization=True)
+            load_tokenizer(cfg).save_pretrained(tmp)
+            for name in rundir.TRAINING_RECORD:  # the training record travels with the weights
+                if (Path(adapter_dir) / name).is_file():
+                    shutil.copy2(Path(adapter_dir) / name, tmp / name)
+            info = {"adapter": str(Path(adapter_dir).resolve()), "base": base, "dtype": str(target)}
+            rundir.write_json(tmp / rundir.MERGE_INFO, info)
+        log.attach(out / rundir.LOG)
     return out
 
 

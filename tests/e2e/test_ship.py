@@ -117,26 +117,26 @@ def test_merge_refuses_bad_inputs(runs, tmp_path):
     assert (busy / "keep.txt").read_text() == "mine"
 
 
+def eval_result(path: Path, name: str, value: float, items: int) -> Path:
+    """An `alignkit eval` results.json with one GSM8K figure over `items` of 1319."""
+    item = {
+        "label": "GSM8K (5-shot, flexible-extract)",
+        "metric": "exact_match",
+        "value": value,
+        "stderr": 0.1,
+        "items": items,
+        "total_items": 1319,
+    }
+    limit = None if items == 1319 else items
+    path.write_text(json.dumps({"model": name, "limit": limit, "summary": {"gsm8k": item}}))
+    return path
+
+
 def test_card_holds_the_runs_real_numbers(runs, tmp_path):
-    results = []
-    for name, value in (("base", 0.25), ("final", 0.5)):
-        path = tmp_path / f"{name}.json"
-        path.write_text(
-            json.dumps(
-                {
-                    "model": name,
-                    "limit": 2,
-                    "summary": {
-                        "gsm8k": {
-                            "label": "GSM8K (5-shot, flexible-extract)",
-                            "metric": "exact_match",
-                            "value": value,
-                        }
-                    },
-                }
-            )
-        )
-        results.append(path)
+    results = [
+        eval_result(tmp_path / f"{name}.json", name, value, 1319)
+        for name, value in (("base", 0.25), ("final", 0.5))
+    ]
     card = write_card([runs["sft"], runs["final"]], results).read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == str(runs["base"]) and meta["license"] == "other"
@@ -149,8 +149,20 @@ def test_card_holds_the_runs_real_numbers(runs, tmp_path):
         assert f"{info['train_rows']} " in card and f"{info['train_seconds'] / 60:.1f} min" in card
     assert "preference (apo_zero)" in card and "beta 0.1" in card and "lr 0.05" in card
     assert "<|im_start|>assistant" in card  # the chat format, rendered by the saved template
-    assert "| GSM8K (5-shot, flexible-extract) | 25.00 | **50.00** |" in card
-    assert "at most 2 items per benchmark" in card
+    row = "| GSM8K (5-shot, flexible-extract) | 25.0 ± 10.0 | **50.0** ± 10.0 | all 1319 items |"
+    assert row in card and "partial" not in card
+
+
+def test_a_partial_eval_stays_out_of_model_index_and_is_marked_in_the_card(runs, tmp_path):
+    results = [
+        eval_result(tmp_path / f"{name}.json", name, value, 8)
+        for name, value in (("base", 0.25), ("final", 0.5))
+    ]
+    card = write_card([runs["final"]], results, out=tmp_path / "card.md").read_text()
+    assert "model-index" not in yaml.safe_load(card.split("---")[1])
+    assert "| 25.0 ± 10.0 | **50.0** ± 10.0 | partial: 8 of 1319 items |" in card
+    assert "at most 8 items per benchmark" in card
+    assert "leaves out the partial figures (GSM8K (5-shot, flexible-extract))" in card
 
 
 def test_card_usage_code_runs(runs, tmp_path, capsys):

@@ -16,6 +16,7 @@ from alignkit.config import load_recipe
 from alignkit.errors import AlignkitError
 from alignkit.eval.convert import hellaswag_rows, split_hellaswag_context
 from alignkit.eval.offline_nltk import use_shipped_punkt
+from alignkit.eval.run import summarize
 from alignkit.eval.tasks import (
     BENCHMARKS,
     OFFLINE_TASKS,
@@ -312,6 +313,52 @@ def test_compare_rerenders_without_running(offline_run, tmp_path, capsys):
     ).is_file() and "| MMLU (5-shot) |" in capsys.readouterr().out
     with pytest.raises(AlignkitError, match="No eval results"):
         load_results([tmp_path / "nothing"])
+
+
+def test_every_figure_gets_a_standard_error_and_its_share_of_the_benchmark():
+    """lm-eval gives none for a subject of one item or for IFEval's instruction level:
+    those come from the logged item scores, sample stdev / sqrt(n), as lm-eval's own."""
+    mmlu = {
+        "results": {
+            f"mmlu_{s}": {"acc,none": score, "acc_stderr,none": "N/A"}
+            for s, score in (("anatomy", 1.0), ("astronomy", 0.0))
+        },
+        "n-samples": {"mmlu_anatomy": {"effective": 1}, "mmlu_astronomy": {"effective": 1}},
+        "samples": {
+            "mmlu_anatomy": [{"filter": "none", "acc": 1.0}],
+            "mmlu_astronomy": [{"filter": "none", "acc": 0.0}],
+        },
+    }
+    figure = summarize(BENCHMARKS["mmlu"], mmlu, offline=True, shots=5, total=14042)["mmlu"]
+    # scores [1, 0]: mean 0.5, sample stdev sqrt(0.5), stderr sqrt(0.5) / sqrt(2) = 0.5
+    assert figure["value"] == 0.5 and figure["stderr"] == pytest.approx(0.5)
+    assert (figure["items"], figure["total_items"]) == (2, 14042)
+    ifeval = {
+        "results": {
+            "ifeval": {
+                **{f"{m},none": 0.5 for m in ("prompt_level_strict_acc", "prompt_level_loose_acc")},
+                **{
+                    f"{m}_stderr,none": 0.5
+                    for m in ("prompt_level_strict_acc", "prompt_level_loose_acc")
+                },
+                "inst_level_strict_acc,none": 0.75,
+                "inst_level_strict_acc_stderr,none": "N/A",
+                "inst_level_loose_acc,none": 0.75,
+                "inst_level_loose_acc_stderr,none": "N/A",
+            }
+        },
+        "n-samples": {"ifeval": {"effective": 2}},
+        "samples": {
+            "ifeval": [
+                {"filter": "none", "inst_level_strict_acc": [True, True, True]},
+                {"filter": "none", "inst_level_strict_acc": [False]},
+            ]
+        },
+    }
+    figures = summarize(BENCHMARKS["ifeval"], ifeval, offline=True, shots=0, total=541)
+    assert figures["ifeval/prompt_level_strict_acc"]["stderr"] == 0.5  # lm-eval's own
+    # instructions [1, 1, 1, 0]: mean 0.75, sample stdev 0.5, stderr 0.5 / sqrt(4) = 0.25
+    assert figures["ifeval/inst_level_strict_acc"]["stderr"] == pytest.approx(0.25)
 
 
 def test_eval_settings_come_from_the_recipe(tmp_path):

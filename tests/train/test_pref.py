@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rich.console import Console
 from support import check_resume, make_tiny_llama, write_jsonl
 
 import alignkit.train.pref as pref
@@ -205,7 +204,7 @@ def test_full_weights_with_another_reference_model(tmp_path, tiny_model_dir):
     first = read_metrics(train_pref(r) / "metrics.jsonl")[0]
     # step 1 rewards are b (log pi - log ref) with pi = the untouched starting model
 
-    data = load_stage_data(r, ("pair",), Console(), False)
+    data = load_stage_data(r, ("pair",))
     batch = pair_batch(data.train_rows, data.tokenizer.pad_token_id)
     policy = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
     ref = load_model(ModelConfig(name_or_path=str(other)))

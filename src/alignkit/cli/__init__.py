@@ -18,15 +18,16 @@ from rich.markup import escape
 
 from alignkit import __version__
 from alignkit.cli.spec import Arg, Command, Group, key_arg
-from alignkit.cli.table import COMMANDS, CONFIG
+from alignkit.cli.table import COMMANDS, CONFIG, VERBOSE
 from alignkit.config import Recipe, help_text
+from alignkit.console import set_verbose
 from alignkit.errors import AlignkitError
 
 
 def command_args(cmd: Command) -> list[Arg]:
     """Every argument of a command, in `--help` order."""
     recipe = [CONFIG, *map(key_arg, cmd.keys)] if cmd.sections is not None else []
-    return [*recipe, *cmd.args]
+    return [*recipe, *cmd.args, VERBOSE]
 
 
 def parser_kwargs(cmd: Command) -> dict[str, Any]:
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
+    parser.add_argument(*VERBOSE.flags, **{**VERBOSE.kwargs, "default": False})
     add_commands(parser, COMMANDS, dest="command", metavar="COMMAND")
     return parser
 
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     handler: Callable = args.handler
+    set_verbose(args.verbose)
     try:
         handler(args, extra)
     except AlignkitError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from alignkit.cli.handlers import (
     cmd_card,
     cmd_chat,
@@ -16,6 +18,14 @@ from alignkit.cli.handlers import (
 from alignkit.cli.spec import Command, Group, arg, field_help, port, positive, source_arg
 
 CONFIG = arg("--config", help="Recipe YAML file; flags and overrides apply on top of it.")
+VERBOSE = arg(
+    "-v",
+    "--verbose",
+    action="store_true",
+    default=argparse.SUPPRESS,  # given after the command or before it (the global default)
+    help="Also show other libraries' logging, warnings and progress bars on the terminal "
+    "(a stage always writes them to its log.txt).",
+)
 MODEL = arg("model.name_or_path", nargs="?", metavar="MODEL", help=field_help("model.name_or_path"))
 RUNTIME = ("model.chat_template", "model.dtype", "model.device")
 

@@ -10,17 +10,31 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from alignkit import rundir
 from alignkit.config import EvalConfig, Recipe, to_dict
 from alignkit.config.check import check
+from alignkit.console import captured, live_progress, say
 from alignkit.errors import AlignkitError
 from alignkit.eval.report import write_comparison
+from alignkit.eval.tables import figure
 from alignkit.eval.tasks import (
     Benchmark,
     check_offline,
@@ -46,6 +60,7 @@ class Plan:
     shots: dict[str, int]
     chat: dict[str, bool]
     samples: dict[str, dict[str, list[int]]]
+    totals: dict[str, int]  # each benchmark's items in all (what a full run scores)
     offline: bool
     out: Path
 
@@ -78,9 +93,17 @@ def plan_eval(cfg: EvalConfig, offline: bool | None = None) -> Plan:
         b.name: b.chat_template if cfg.apply_chat_template is None else cfg.apply_chat_template
         for b in benchmarks
     }
-    samples = {b.name: sample_indices(cfg.limit, eval_split_sizes(b)) for b in benchmarks}
+    sizes = {b.name: eval_split_sizes(b) for b in benchmarks}
     out = Path(cfg.output_dir).expanduser() if cfg.output_dir else rundir.default_dir("eval")
-    return Plan(benchmarks, parse_fewshot(cfg.num_fewshot, benchmarks), chat, samples, offline, out)
+    return Plan(
+        benchmarks=benchmarks,
+        shots=parse_fewshot(cfg.num_fewshot, benchmarks),
+        chat=chat,
+        samples={name: sample_indices(cfg.limit, split) for name, split in sizes.items()},
+        totals={name: sum(split.values()) for name, split in sizes.items()},
+        offline=offline,
+        out=out,
+    )
 
 
 def batch_size(spec: str, device: str) -> int | str:
@@ -122,10 +145,39 @@ def metric_value(results: dict[str, Any], task: str, key: str) -> tuple[float, f
     return float(value), (float(stderr) if isinstance(stderr, (int, float)) else None)
 
 
+def weighted_stderr(stderrs: dict[str, float | None], items: dict[str, int]) -> float | None:
+    """The standard error of the item-weighted mean of tasks, from theirs (all or none)."""
+    if any(s is None for s in stderrs.values()):
+        return None
+    n = sum(items.values())
+    return math.sqrt(sum((s * items[t] / n) ** 2 for t, s in stderrs.items()))
+
+
+def item_scores(samples: dict[str, list[dict]], tasks: Iterable[str], key: str) -> list[float]:
+    """Each scored item's value of `key` (`metric,filter`) in lm-eval's logged samples;
+    a list of scores (IFEval's per instruction) counts each one, as its figure does."""
+    metric, _, filt = key.partition(",")
+    scores: list[float] = []
+    for task in tasks:
+        for row in samples.get(task, []):
+            if row.get("filter") == filt and metric in row:
+                value = row[metric]
+                scores += [float(v) for v in value] if isinstance(value, list) else [float(value)]
+    return scores
+
+
+def mean_stderr(scores: list[float]) -> float | None:
+    """lm-eval's standard error of a mean: sample standard deviation / sqrt(n)."""
+    if len(scores) < 2:
+        return None
+    return statistics.stdev(scores) / math.sqrt(len(scores))
+
+
 def summarize(
-    benchmark: Benchmark, output: dict[str, Any], offline: bool, shots: int
+    benchmark: Benchmark, output: dict[str, Any], offline: bool, shots: int, total: int
 ) -> dict[str, Any]:
-    """Our figures from lm-eval's results: one entry per reported metric (values 0..1).
+    """Our figures from lm-eval's results: one entry per reported metric (values 0..1),
+    with its standard error and the items scored of the `total` a full run scores.
 
     MMLU's figure is the item-weighted mean over the subjects run, as lm-eval's group.
     """
@@ -142,18 +194,16 @@ def summarize(
         values = {t: metric_value(results, t, metric.key) for t in items}
         n = sum(items.values())
         value = sum(values[t][0] * items[t] for t in items) / n
-        stderrs = [values[t][1] for t in items]
-        stderr = None
-        if all(s is not None for s in stderrs):
-            stderr = math.sqrt(
-                sum((s * items[t] / n) ** 2 for s, t in zip(stderrs, items, strict=True))
-            )
+        stderr = weighted_stderr({t: values[t][1] for t in items}, items)
+        if stderr is None:  # a subject of one item, or a metric lm-eval gives none for
+            stderr = mean_stderr(item_scores(output.get("samples", {}), items, metric.key))
         summary[key] = {
             "label": metric.label.format(shots=shots),
             "metric": metric.key,
             "value": value,
             "stderr": stderr,
             "items": n,
+            "total_items": total,
             "note": note or None,
         }
     return summary
@@ -194,6 +244,7 @@ def settings(plan: Plan, cfg: EvalConfig, benchmark: Benchmark) -> dict[str, Any
         "data": "shipped copy" if plan.offline else "hub",
         "offline_note": benchmark.offline_note if plan.offline else None,
         "items": record_items(plan, benchmark),
+        "total_items": plan.totals[benchmark.name],
         "max_gen_toks": cfg.max_gen_toks,
     }
 
@@ -231,27 +282,64 @@ def check_outputs(plan: Plan, specs: list[str], labels: list[str], overwrite: bo
         )
 
 
-def evaluate_models(specs: list[str], recipe: Recipe, say: Any = print) -> list[dict[str, Any]]:
-    """Evaluate each model spec on the planned benchmarks; writes results and the table."""
+def evaluate_models(specs: list[str], recipe: Recipe, say: Any = say) -> list[dict[str, Any]]:
+    """Evaluate each model spec on the planned benchmarks; writes results and the table.
+    lm-eval's and datasets' output goes to the output dir's log.txt, not the terminal."""
     check(recipe, "eval")
     cfg = recipe.eval
     plan = plan_eval(cfg)
     labels = unique_labels(specs)
     check_outputs(plan, specs, labels, cfg.overwrite)
-    source = "the shipped offline copies" if plan.offline else "the Hugging Face Hub"
-    say(
-        f"Benchmarks {', '.join(b.name for b in plan.benchmarks)} on {source}"
-        + (f", at most {cfg.limit} items each" if cfg.limit else "")
-    )
-    with tempfile.TemporaryDirectory(prefix="alignkit-lm-eval-tasks-") as tmp:
-        task_manager = make_task_manager(plan, Path(tmp))
-        results = [
-            evaluate_one(spec, label, recipe, plan, task_manager, say)
-            for spec, label in zip(specs, labels, strict=True)
-        ]
-    table, chart = write_comparison(results, plan.out)
-    say(f"results: {plan.out}/<model>/{rundir.RESULTS}\ntable: {table}\nchart: {chart}")
+    started = time.perf_counter()
+    with captured(plan.out / rundir.LOG):
+        say(eval_header(plan, cfg, labels))
+        with (
+            tempfile.TemporaryDirectory(prefix="alignkit-lm-eval-tasks-") as tmp,
+            eval_progress() as progress,
+        ):
+            items = sum(record_items(plan, b) for b in plan.benchmarks)
+            tick = partial(progress.update, progress.add_task("", total=len(specs) * items))
+            task_manager = make_task_manager(plan, Path(tmp))
+            results = []
+            for spec, label in zip(specs, labels, strict=True):
+                results.append(evaluate_one(spec, label, recipe, plan, task_manager, tick))
+                say(model_line(results[-1]))
+        table, chart = write_comparison(results, plan.out)
+        minutes = (time.perf_counter() - started) / 60
+        say(
+            f"eval done in {minutes:.1f} min: {plan.out}/<model>/{rundir.RESULTS}, "
+            f"table {table}, chart {chart}"
+        )
     return results
+
+
+def eval_header(plan: Plan, cfg: EvalConfig, labels: list[str]) -> str:
+    source = "the shipped offline copies" if plan.offline else "the Hugging Face Hub"
+    limit = f", at most {cfg.limit} items each" if cfg.limit else ""
+    names = ", ".join(b.name for b in plan.benchmarks)
+    return f"eval: {', '.join(labels)} on {names} ({source}{limit})"
+
+
+def eval_progress() -> Progress:
+    """The eval's live display: model and benchmark now running, items scored, time."""
+    return live_progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("items"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+
+
+def model_line(record: dict[str, Any]) -> str:
+    """One model's result: each benchmark's first figure with its standard error."""
+    firsts: dict[str, str] = {}
+    for key, item in record["summary"].items():
+        firsts.setdefault(key.split("/")[0], figure(item))
+    shown = ", ".join(f"{name} {value}" for name, value in firsts.items())
+    return f"{record['model']} done in {record['wall_seconds']:.0f} s: {shown}"
 
 
 def make_task_manager(plan: Plan, folder: Path) -> Any:
@@ -264,10 +352,16 @@ def make_task_manager(plan: Plan, folder: Path) -> Any:
 
 
 def evaluate_one(
-    spec: str, label: str, recipe: Recipe, plan: Plan, task_manager: Any, say: Any
+    spec: str,
+    label: str,
+    recipe: Recipe,
+    plan: Plan,
+    task_manager: Any,
+    tick: Callable[..., None],
 ) -> dict[str, Any]:
     """All planned benchmarks on one model; writes its results.json and samples together,
-    into a temporary dir renamed into place (an interrupted eval leaves no partial one)."""
+    into a temporary dir renamed into place (an interrupted eval leaves no partial one).
+    `tick(description=..., advance=...)` moves the live display."""
     cfg = recipe.eval
     started = time.perf_counter()
     lm = load_eval_model(spec, recipe)
@@ -283,21 +377,19 @@ def evaluate_one(
     }
     samples: dict[str, list] = {}
     for benchmark in plan.benchmarks:
-        say(
-            f"[{label}] {benchmark.name}: {record_items(plan, benchmark)} items, "
-            f"{plan.shots[benchmark.name]}-shot"
-        )
+        items = record_items(plan, benchmark)
+        tick(description=f"{label} · {benchmark.name} ({items} items)")
         t0 = time.perf_counter()
         output = run_benchmark(lm, benchmark, plan, cfg, task_manager)
         seconds = time.perf_counter() - t0
-        summary = summarize(benchmark, output, plan.offline, plan.shots[benchmark.name])
+        shots = plan.shots[benchmark.name]
+        summary = summarize(benchmark, output, plan.offline, shots, plan.totals[benchmark.name])
         record["task_seconds"][benchmark.name] = round(seconds, 1)
         record["settings"][benchmark.name] = settings(plan, cfg, benchmark)
         record["summary"].update(summary)
         samples.update(output.pop("samples", {}))
         record["lm_eval"][benchmark.name] = output
-        figures = ", ".join(f"{v['label']} {100 * v['value']:.1f}" for v in summary.values())
-        say(f"[{label}] {benchmark.name} done in {seconds:.0f}s: {figures}")
+        tick(advance=items)
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     record["eval_config"] = to_dict(cfg)
     with rundir.atomic_dir(plan.out / label, existing="aside") as tmp:

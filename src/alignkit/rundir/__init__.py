@@ -2,13 +2,14 @@
 
 Nothing else in alignkit spells an output file name. Every file or directory a command
 leaves behind is written beside its final path under a temporary name and renamed into
-place, so a reader, or a crash, sees the old version or the whole new one, never half.
+place, so a reader, or a crash, sees the old version or the whole new one, never half
+(`METRICS` and `LOG` grow by whole lines instead).
 
 A training output dir holds the weights (adapter or full), the tokenizer, `CONFIG`,
-`METRICS`, `RUN_INFO`, `CURVES` and `checkpoint-<step>/` dirs; an eval output dir holds
-one `<model>/RESULTS` (plus `<model>/SAMPLES/`) per model and the `TABLE` and `CHART`;
-a workflow run dir holds one such dir per stage, `RECIPE`, `SUMMARY`, `STATE_DIR/` and
-`PREVIOUS/`.
+`METRICS`, `RUN_INFO`, `CURVES`, `LOG` and `checkpoint-<step>/` dirs; an eval output dir holds
+one `<model>/RESULTS` (plus `<model>/SAMPLES/`) per model, the `TABLE`, `CHART` and `LOG`;
+a workflow run dir holds one such dir per stage, `RECIPE`, `SUMMARY`, `LOG`,
+`STATE_DIR/` and `PREVIOUS/`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from alignkit.rundir.names import (
     CHECKPOINT_WEIGHTS,
     CONFIG,
     CURVES,
+    LOG,
     MERGE_INFO,
     METRICS,
     PREVIOUS,
@@ -55,6 +57,7 @@ from alignkit.rundir.read import (
     read_json,
     read_metrics,
     results_files,
+    training_figures,
 )
 from alignkit.rundir.write import (
     MIN_FREE_BYTES,
@@ -69,6 +72,7 @@ from alignkit.rundir.write import (
     is_disk_full,
     keep_metrics_until,
     nearest_existing,
+    open_log,
     previous_path,
     publish,
     remove_temporaries,
@@ -89,6 +93,7 @@ __all__ = [
     "CONFIG",
     "CURVES",
     "DiskFull",
+    "LOG",
     "MERGE_INFO",
     "METRICS",
     "MIN_FREE_BYTES",
@@ -123,6 +128,7 @@ __all__ = [
     "load_results",
     "metric_values",
     "nearest_existing",
+    "open_log",
     "previous_path",
     "publish",
     "read_json",
@@ -131,6 +137,7 @@ __all__ = [
     "results_files",
     "set_aside",
     "state_file",
+    "training_figures",
     "write_json",
     "write_text",
 ]

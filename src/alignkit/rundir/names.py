@@ -14,6 +14,7 @@ CURVES = "training_curves.png"
 TENSORBOARD = "tensorboard"
 MERGE_INFO = "merge_info.json"
 CARD = "README.md"
+LOG = "log.txt"  # third-party logging, warnings and progress bars; alignkit's own lines
 
 # checkpoints
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -53,6 +53,28 @@ def first_last(records: list[dict[str, float]], key: str) -> tuple[float, float]
     return (values[0], values[-1]) if values else None
 
 
+# what a training run's result line and summary show of its held-out figures
+EVAL_FIGURES = (
+    ("eval_loss", "eval loss"),
+    ("eval_rewards/accuracies", "eval reward accuracy"),
+    ("eval_rewards/margins", "eval margin"),
+)
+
+
+def training_figures(records: list[dict[str, float]]) -> str:
+    """The final loss and each held-out figure (first eval -> last eval when it changed)."""
+    parts = []
+    if (loss := last_value(records, "loss")) is not None:
+        parts.append(f"final loss {loss:.4f}")
+    for key, name in EVAL_FIGURES:
+        values = metric_values(records, key)
+        if len(values) == 1:
+            parts.append(f"{name} {values[0]:.4f}")
+        elif values:
+            parts.append(f"{name} {values[0]:.3f} → {values[-1]:.3f}")
+    return ", ".join(parts) or "no metrics"
+
+
 # ---------------------------------------------------------------- eval results
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 from alignkit.errors import AlignkitError
 from alignkit.rundir.names import PREVIOUS
@@ -244,6 +244,13 @@ def append_metrics(path: Path, record: dict[str, float]) -> None:
     """One record at the end of a metrics.jsonl (a line is appended, never rewritten)."""
     with path.open("a", encoding="utf-8") as handle:
         handle.write(metrics_line(record))
+
+
+def open_log(path: Path) -> TextIO:
+    """A log file opened for appending (a resumed or repeated run adds to it), line by
+    line: what a killed run logged is on disk. Its directory is made if need be."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("a", encoding="utf-8", buffering=1)
 
 
 def keep_metrics_until(path: Path, step: int) -> None:

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from alignkit import rundir
 from alignkit.config import TrainConfig
+from alignkit.console import live_progress
 from alignkit.errors import AlignkitError
 from alignkit.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
@@ -146,6 +147,7 @@ class LoopParts:
     make_eval_batch: Callable[[list[Any]], Any]
     cfg: TrainConfig
     output_dir: Path
+    console: Any = None  # where the progress display goes; default the terminal
 
 
 def _step_sums(parts: LoopParts, batches: list[Any]) -> tuple[float, dict[str, float], int, int]:
@@ -234,7 +236,7 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
     if cfg.eval_on_start and parts.eval_rows and state.step == 0:
         log.log({"step": 0, **evaluate(parts)})
     parts.model.train()
-    with _progress(acc.is_main_process) as progress:
+    with _progress(acc.is_main_process, parts.console) as progress:
         task = progress.add_task(
             "train", total=steps, completed=state.step, loss=float("nan"), tps=0.0
         )
@@ -296,8 +298,8 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
     return state
 
 
-def _progress(active: bool) -> Progress:
-    return Progress(
+def _progress(active: bool, console: Any) -> Progress:
+    return live_progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("step {task.completed}/{task.total}"),
@@ -305,5 +307,6 @@ def _progress(active: bool) -> Progress:
         TextColumn("{task.fields[tps]:.0f} tok/s"),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        disable=not active,
+        console=console,
+        active=active,
     )

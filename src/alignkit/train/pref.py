@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from alignkit import rundir
 from alignkit.config import PrefConfig, Recipe
 from alignkit.config.check import check, loss_plan
+from alignkit.console import captured
 from alignkit.data.batching import SequenceBatch, feedback_batch, pair_batch, with_kl_completions
 from alignkit.data.tokenize import TokenizedPair
 from alignkit.errors import AlignkitError
@@ -176,16 +176,7 @@ def attach_reference(run: StageRun, score: Scorer, model_fp: str) -> None:
         )
         with_ref, path, hit = cached_reference(rows, model_fp, scoring_method(recipe), compute)
         setattr(data, split, with_ref)
-        if run.verbose:
-            run.console.print(
-                f"reference log-probs ({split[:-5]}): {'reused' if hit else 'wrote'} {path}"
-            )
-
-
-def eval_change(records: list[dict[str, float]], keys: list[str]) -> dict[str, tuple[float, float]]:
-    """(first, last) value of each eval metric logged in the run."""
-    found = {key: rundir.first_last(records, key) for key in keys}
-    return {key: change for key, change in found.items() if change is not None}
+        run.note(f"reference log-probs ({split[:-5]}): {'reused' if hit else 'wrote'} {path}")
 
 
 def prepare_reference(run: StageRun) -> Any | None:
@@ -245,33 +236,30 @@ def pref_batcher(run: StageRun, feedback: bool) -> Callable[[list[Any]], Sequenc
 
 
 def train_pref(recipe: Recipe, console: Console | None = None) -> Path:
+    """Train; other libraries' output goes to the output dir's log.txt, not the terminal."""
     check(recipe, "pref")
     check_model_input(recipe)
     names, weights = loss_plan(recipe.pref)
     feedback = names[0] in FEEDBACK_LOSSES
-    run = prepare_stage(recipe, "pref", ("feedback",) if feedback else ("pair",), console)
-    if feedback:
-        pair_kl_completions(run.data)
-    if recipe.pref.disable_dropout:
-        disable_dropout(run.model)
-    ref_model = prepare_reference(run) if needs_reference(names) else None
-    make_batch = pref_batcher(run, feedback)
-    optimizer, scheduler = prepare_optimizer(run, len(run.data.train_rows))
-    # after prepare_optimizer: the reference is scored through the prepared model
-    loss_sums = pref_loss_sums(run, names, weights, ref_model)
-    train_and_save(
-        run,
-        rows=run.data.train_rows,
-        make_batch=make_batch,
-        loss_sums=loss_sums,
-        make_eval_batch=make_batch,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        curves=CURVES,
-    )
-    if run.verbose:
-        keys = ["eval_rewards/accuracies", "eval_rewards/margins", "eval_loss"]
-        records = rundir.read_metrics(run.out / rundir.METRICS)
-        for key, (first, last) in eval_change(records, keys).items():
-            run.console.print(f"{key}: {first:.4f} (first eval) -> {last:.4f} (last eval)")
+    with captured() as log:
+        run = prepare_stage(recipe, "pref", ("feedback",) if feedback else ("pair",), console, log)
+        if feedback:
+            pair_kl_completions(run.data)
+        if recipe.pref.disable_dropout:
+            disable_dropout(run.model)
+        ref_model = prepare_reference(run) if needs_reference(names) else None
+        make_batch = pref_batcher(run, feedback)
+        optimizer, scheduler = prepare_optimizer(run, len(run.data.train_rows))
+        # after prepare_optimizer: the reference is scored through the prepared model
+        loss_sums = pref_loss_sums(run, names, weights, ref_model)
+        train_and_save(
+            run,
+            rows=run.data.train_rows,
+            make_batch=make_batch,
+            loss_sums=loss_sums,
+            make_eval_batch=make_batch,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            curves=CURVES,
+        )
     return run.out

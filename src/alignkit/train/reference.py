@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
 from alignkit import rundir
+from alignkit.console import live_progress
 from alignkit.data.batching import SequenceBatch
 from alignkit.data.tokenize import TokenizedPair
 from alignkit.models import cache_dir
@@ -123,7 +123,7 @@ def compute_reference(
 ) -> torch.Tensor:
     """[N, 2] reference (chosen, rejected) log-probs for every pair, in order."""
     out = []
-    with Progress(disable=not show_progress) as progress:
+    with live_progress(active=show_progress, transient=True) as progress:
         task = progress.add_task("reference log-probs", total=len(pairs))
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from alignkit.config import Recipe, TrainConfig
 from alignkit.config.check import check
+from alignkit.console import captured
 from alignkit.data.batching import Batch, flat_batch, pack_rows, pad_batch
 from alignkit.train.logps import token_logps
 from alignkit.train.stage import prepare_optimizer, prepare_stage, train_and_save
@@ -37,21 +38,23 @@ def sft_batcher(cfg: TrainConfig, pad_id: int) -> Callable[[list[Any]], Batch]:
 
 
 def train_sft(recipe: Recipe, console: Console | None = None) -> Path:
+    """Train; other libraries' output goes to the output dir's log.txt, not the terminal."""
     check(recipe, "sft")
-    run = prepare_stage(recipe, "sft", ("sft",), console)
-    cfg, pad_id = run.recipe.train, run.data.tokenizer.pad_token_id
-    rows = run.data.train_rows
-    if cfg.packing:
-        rows = pack_rows(rows, run.recipe.data.max_length)
-    optimizer, scheduler = prepare_optimizer(run, len(rows))
-    train_and_save(
-        run,
-        rows=rows,
-        make_batch=sft_batcher(cfg, pad_id),
-        loss_sums=partial(sft_loss_sums, chunk=cfg.logps_chunk),
-        make_eval_batch=sft_batcher(replace(cfg, packing=False), pad_id),
-        optimizer=optimizer,
-        scheduler=scheduler,
-        curves=CURVES,
-    )
+    with captured() as log:
+        run = prepare_stage(recipe, "sft", ("sft",), console, log)
+        cfg, pad_id = run.recipe.train, run.data.tokenizer.pad_token_id
+        rows = run.data.train_rows
+        if cfg.packing:
+            rows = pack_rows(rows, run.recipe.data.max_length)
+        optimizer, scheduler = prepare_optimizer(run, len(rows))
+        train_and_save(
+            run,
+            rows=rows,
+            make_batch=sft_batcher(cfg, pad_id),
+            loss_sums=partial(sft_loss_sums, chunk=cfg.logps_chunk),
+            make_eval_batch=sft_batcher(replace(cfg, packing=False), pad_id),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            curves=CURVES,
+        )
     return run.out

@@ -13,7 +13,7 @@ import platform
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ from rich.console import Console
 
 from alignkit import rundir
 from alignkit.chat_templates import ChatTemplate, resolve_template
-from alignkit.config import Recipe, TrainConfig, dump_yaml, save_recipe
-from alignkit.data.sources import load_mixture
+from alignkit.config import Recipe, TrainConfig, save_recipe
+from alignkit.console import Log, note, say, terminal
+from alignkit.data.sources import SourceReport, load_mixture
 from alignkit.data.tokenize import tokenize_examples
 from alignkit.errors import AlignkitError
 from alignkit.models import NewTokens, load_model, load_tokenizer, local_paths, resolve_device
@@ -121,12 +122,21 @@ class StageData:
     kind: str
     train_rows: list[Any]
     eval_rows: list[Any]
+    summary: str = ""  # what tokenization did, in a line
+    notes: list[str] = field(default_factory=list)  # each source's rows, for the log
 
 
-def load_stage_data(
-    recipe: Recipe, kinds: tuple[str, ...], console: Console, verbose: bool
-) -> StageData:
-    """Tokenizer, template and tokenized train/eval rows of one of `kinds`, reported."""
+def source_notes(reports: list[SourceReport], label: str) -> list[str]:
+    return [
+        f"{label} {r.path}: {r.format}, {r.rows} rows, {r.used} used"
+        + (f", skipped {dict(r.skipped)}" if r.skipped else "")
+        for r in reports
+    ]
+
+
+def load_stage_data(recipe: Recipe, kinds: tuple[str, ...]) -> StageData:
+    """Tokenizer, template and tokenized train/eval rows of one of `kinds`, with what
+    reading and tokenizing them did."""
     tokenizer = load_tokenizer(recipe.model)
     template = resolve_template(recipe.model.chat_template, tokenizer)
     examples, reports = load_mixture(recipe.data.sources, recipe.data.strict, recipe.data.seed)
@@ -137,24 +147,36 @@ def load_stage_data(
             "data. Check data.sources (alignkit data inspect shows what a file holds)."
         )
     tokenized, report = tokenize_examples(examples, tokenizer, template, recipe.data)
-    eval_report = None
+    notes = source_notes(reports, "data")
     if recipe.data.eval_sources:  # separate eval data replaces the held-out fraction
-        held_out, _ = load_mixture(recipe.data.eval_sources, recipe.data.strict, recipe.data.seed)
+        held_out, eval_reports = load_mixture(
+            recipe.data.eval_sources, recipe.data.strict, recipe.data.seed
+        )
         eval_rows, eval_report = tokenize_examples(held_out, tokenizer, template, recipe.data)
+        notes += source_notes(eval_reports, "eval data") + [f"eval data: {eval_report.summary()}"]
         train_rows = tokenized
     else:
         train_rows, eval_rows = split_eval(tokenized, recipe.train.eval_fraction, recipe.train.seed)
-    if verbose:
-        console.print(dump_yaml(recipe), highlight=False)
-        for r in reports:
-            skipped = f", skipped {dict(r.skipped)}" if r.skipped else ""
-            console.print(f"data {r.path}: {r.format}, {r.rows} rows, {r.used} used{skipped}")
-        if eval_report is not None:
-            console.print(f"eval data: {eval_report.summary()}")
-        console.print(
-            f"tokenized: {report.summary()}; {len(train_rows)} train rows, {len(eval_rows)} eval"
-        )
-    return StageData(tokenizer, template, kind, train_rows, eval_rows)
+    skipped = sum(sum(r.skipped.values()) for r in reports)
+    return StageData(
+        tokenizer=tokenizer,
+        template=template,
+        kind=kind,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        summary=report.summary() + (f", {skipped} rows skipped" if skipped else ""),
+        notes=notes,
+    )
+
+
+def stage_header(recipe: Recipe, command: str, data: StageData, out: Path) -> str:
+    """The line a training stage opens with: model, adapter, rows, where it writes."""
+    model = Path(recipe.model.name_or_path).name or recipe.model.name_or_path
+    adapter = "full weights" if recipe.model.adapter == "none" else recipe.model.adapter
+    return (
+        f"{command}: {model} ({adapter}), {len(data.train_rows)} train rows, "
+        f"{len(data.eval_rows)} eval rows ({data.summary}) -> {out}"
+    )
 
 
 def new_tokens(data: StageData) -> NewTokens:
@@ -184,11 +206,22 @@ class StageRun:
     data: StageData
     model: Any
     console: Console
+    log: Log | None = None  # the stage's log.txt, opened with the output dir
     layout_note: str | None = None  # why padding-free rows were switched off, if they were
 
     @property
     def verbose(self) -> bool:
         return self.accelerator.is_main_process
+
+    def say(self, text: str) -> None:
+        """A line on the stage's console and in its log (main process)."""
+        if self.verbose:
+            say(text, self.console)
+
+    def note(self, text: str) -> None:
+        """A detail for the log (main process)."""
+        if self.verbose:
+            note(text, self.console)
 
     @property
     def out(self) -> Path:
@@ -200,28 +233,35 @@ class StageRun:
 
 
 def prepare_stage(
-    recipe: Recipe, command: str, kinds: tuple[str, ...], console: Console | None = None
+    recipe: Recipe,
+    command: str,
+    kinds: tuple[str, ...],
+    console: Console | None = None,
+    log: Log | None = None,
 ) -> StageRun:
     """Accelerator, output dir, seed, tokenized data and the trainable model."""
-    console = console or Console()
     accelerator = make_accelerator(recipe.train, resolve_device(recipe.model.device))
     plan = plan_output_dir(recipe, command)
     accelerator.wait_for_everyone()  # every rank has checked the dir before rank 0 writes to it
     torch.manual_seed(recipe.train.seed)
-    data = load_stage_data(recipe, kinds, console, accelerator.is_main_process)
-    say = console.print if accelerator.is_main_process else lambda _: None
+    data = load_stage_data(recipe, kinds)
     run = StageRun(
         command=command,
         recipe=recipe,
         accelerator=accelerator,
         plan=plan,
         data=data,
-        model=load_trainable(recipe, data, say),
-        console=console,
+        model=None,
+        console=console or terminal(),
+        log=log,
     )
+    run.say(stage_header(recipe, command, data, plan.out))
+    for line in data.notes:
+        run.note(line)
+    run.model = load_trainable(recipe, data, run.say)
     keep_exact_layout(run, run.model)
     if recipe.train.logps_chunk and linear_head(run.model) is None:
-        say(
+        run.say(
             "train.logps_chunk has no effect: the output layer is not a plain linear map "
             "(wrapped for trainable tokens or LoRA, or its logits soft-capped or scaled), "
             "so full logits are computed"
@@ -238,18 +278,17 @@ def exact_layout(cfg: TrainConfig, model: Any) -> tuple[TrainConfig, str | None]
         return cfg, None
     family = base_model(model).config.model_type
     dropped = "padding-free rows and packing" if cfg.packing else "padding-free rows"
-    note = f"{dropped} off for this {family} model ({problem}): training on padded rows"
-    return replace(cfg, padding_free=False, packing=False), note
+    line = f"{dropped} off for this {family} model ({problem}): training on padded rows"
+    return replace(cfg, padding_free=False, packing=False), line
 
 
 def keep_exact_layout(run: StageRun, model: Any) -> None:
     """Switch the run to padded rows where `model` (policy or reference) needs them."""
-    cfg, note = exact_layout(run.recipe.train, model)
-    if note is None:
+    cfg, line = exact_layout(run.recipe.train, model)
+    if line is None:
         return
-    run.recipe, run.layout_note = replace(run.recipe, train=cfg), note
-    if run.verbose:
-        run.console.print(note)
+    run.recipe, run.layout_note = replace(run.recipe, train=cfg), line
+    run.say(line)
 
 
 def prepare_optimizer(run: StageRun, n_rows: int) -> tuple[Any, Any]:
@@ -279,6 +318,8 @@ def train_and_save(
     check_rows(len(rows), run.recipe.train, acc.num_processes)
     if acc.is_main_process:
         open_output_dir(run.plan)
+        if run.log is not None:
+            run.log.attach(run.out / rundir.LOG)
     acc.wait_for_everyone()
     parts = LoopParts(
         accelerator=run.accelerator,
@@ -292,9 +333,10 @@ def train_and_save(
         make_eval_batch=make_eval_batch,
         cfg=run.recipe.train,
         output_dir=run.out,
+        console=run.console,
     )
-    if run.resume_from is not None and run.verbose:
-        run.console.print(f"resuming from {run.resume_from}")
+    if run.resume_from is not None:
+        run.say(f"resuming from {run.resume_from}")
     state = run_loop(parts, run.resume_from)
     finish(run, state, curves)
     return state
@@ -361,5 +403,8 @@ def finish(run: StageRun, state: TrainState, curves: list[list[str]]) -> None:
             rundir.publish(staged, out, last=rundir.RUN_INFO)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        run.console.print(f"saved to {out}")
+        run.say(
+            f"{run.command} done: {state.step} steps in {state.train_seconds:.0f} s, "
+            f"{rundir.training_figures(metrics)}; saved to {out}"
+        )
     acc.wait_for_everyone()

@@ -191,3 +191,25 @@ def link_inputs(workflow: Workflow) -> None:
         if stage.kind in MODEL_MAKERS:
             made[stage.id] = stage
             latest = stage.id
+
+
+# ---------------------------------------------------------------- in a run dir
+
+
+def model_path(run_dir: Path, workflow: Workflow, ref: str) -> str:
+    """The model a stage id (or `base`) names: the base model, or that stage's output."""
+    return workflow.base_model if ref == BASE else str(run_dir / ref)
+
+
+def eval_specs(stage: PlannedStage, run_dir: Path, workflow: Workflow) -> list[str]:
+    """The model specs an eval stage evaluates, in its order."""
+    return [model_path(run_dir, workflow, m) for m in stage.settings["models"]]
+
+
+def eval_results(stage: PlannedStage, run_dir: Path, workflow: Workflow) -> list[Path]:
+    """An eval stage's results files, one per model, in its order."""
+    from alignkit.eval.run import unique_labels
+    from alignkit.rundir import RESULTS
+
+    labels = unique_labels(eval_specs(stage, run_dir, workflow))
+    return [run_dir / stage.id / label / RESULTS for label in labels]

@@ -11,8 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignkit import rundir
+from alignkit.console import captured, say
 from alignkit.errors import AlignkitError
-from alignkit.workflow.plan import BASE, MODEL_MAKERS, TRAINING, PlannedStage, Workflow
+from alignkit.workflow.plan import (
+    BASE,
+    MODEL_MAKERS,
+    TRAINING,
+    PlannedStage,
+    Workflow,
+    eval_results,
+    eval_specs,
+    model_path,
+)
 from alignkit.workflow.state import (
     assign_fingerprints,
     decide,
@@ -37,15 +47,6 @@ def default_run_dir(workflow: Workflow) -> Path:
     return rundir.default_dir(workflow.name)
 
 
-def model_path(run_dir: Path, workflow: Workflow, ref: str) -> str:
-    return workflow.base_model if ref == BASE else str(run_dir / ref)
-
-
-def eval_specs(stage: PlannedStage, run_dir: Path, workflow: Workflow) -> list[str]:
-    """The model specs an eval stage evaluates, in its order."""
-    return [model_path(run_dir, workflow, m) for m in stage.settings["models"]]
-
-
 def run_training(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bool) -> None:
     recipe = stage.recipe
     recipe.model.name_or_path = model_path(run_dir, workflow, stage.input or BASE)
@@ -61,8 +62,9 @@ def run_training(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume:
         train_pref(recipe)
 
 
-def run_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bool) -> None:
-    """Carry out one stage into run_dir/<id>."""
+def run_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bool) -> str | None:
+    """Carry out one stage into run_dir/<id>; the result line to say, where the stage's
+    own function says none (training and eval stages say theirs)."""
     out = run_dir / stage.id
     if stage.kind in TRAINING:
         run_training(stage, run_dir, workflow, resume)
@@ -70,30 +72,28 @@ def run_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bo
         from alignkit.merge import merge_adapter
 
         merge_adapter(str(run_dir / stage.input), out, stage.settings.get("dtype", "auto"), True)
+        return f"merged model written to {out}"
     elif stage.kind == "eval":
         from alignkit.eval.run import evaluate_models
 
         stage.recipe.eval.output_dir, stage.recipe.eval.overwrite = str(out), True
         evaluate_models(eval_specs(stage, run_dir, workflow), stage.recipe)
     else:
-        write_card_stage(stage, run_dir, workflow)
+        return f"model card written to {write_card_stage(stage, run_dir, workflow)}"
+    return None
 
 
-def write_card_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow) -> None:
+def write_card_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow) -> Path:
     """The card of the latest model, with every earlier eval stage's results in its order."""
     from alignkit.card import write_card
-    from alignkit.eval.run import unique_labels
 
     before = workflow.stages[: workflow.stages.index(stage)]
     runs = [run_dir / s.id for s in before if s.kind in MODEL_MAKERS]
     results = [
-        run_dir / s.id / label / rundir.RESULTS
-        for s in before
-        if s.kind == "eval"
-        for label in unique_labels(eval_specs(s, run_dir, workflow))
+        path for s in before if s.kind == "eval" for path in eval_results(s, run_dir, workflow)
     ]
     out = run_dir / stage.id / rundir.CARD
-    write_card(runs, results, out, stage.settings.get("name") or workflow.name, True)
+    return write_card(runs, results, out, stage.settings.get("name") or workflow.name, True)
 
 
 def select(stages: list[PlannedStage], start: str | None, until: str | None) -> tuple[int, int]:
@@ -108,14 +108,15 @@ def select(stages: list[PlannedStage], start: str | None, until: str | None) -> 
 
 def execute(
     stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bool, carried: float
-) -> None:
+) -> str | None:
     """Run one stage between its `started` and `done` records; `carried` = seconds spent
-    by earlier, interrupted attempts."""
+    by earlier, interrupted attempts. Returns the stage's result line, if it said none."""
     write_state(run_dir, stage, status="started", config=stage_config(stage), seconds=carried)
     started = time.perf_counter()
-    run_stage(stage, run_dir, workflow, resume)
+    result = run_stage(stage, run_dir, workflow, resume)
     seconds = round(time.perf_counter() - started + carried, 1)
     write_state(run_dir, stage, status="done", config=stage_config(stage), seconds=seconds)
+    return result
 
 
 def rerun_reason(
@@ -145,13 +146,30 @@ def run_workflow(
     run_dir: Path,
     start: str | None = None,
     until: str | None = None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = say,
 ) -> Path:
-    """Run (or skip, or resume) the stages; write summary.md; return the run dir."""
+    """Run (or skip, or resume) the stages; write summary.md; return the run dir. Other
+    libraries' output goes to the run dir's log.txt (and each stage's own), not the terminal."""
     assign_fingerprints(workflow)
     first, last = select(workflow.stages, start, until)
     rundir.write_text(run_dir / rundir.RECIPE, workflow.path.read_text(encoding="utf-8"))
     check_done(workflow.stages[:first], run_dir, start)
+    with captured(run_dir / rundir.LOG):
+        run_stages(workflow, run_dir, first=first, last=last, start=start, say=say)
+        say_outputs(workflow, run_dir, write_summary(workflow, run_dir), say)
+    return run_dir
+
+
+def run_stages(
+    workflow: Workflow,
+    run_dir: Path,
+    *,
+    first: int,
+    last: int,
+    start: str | None,
+    say: Callable[[str], None],
+) -> None:
+    """Stages first..last in order: each skipped, resumed or run (with those after it)."""
     rerun_from = None
     for index, stage in enumerate(workflow.stages[first : last + 1], start=first):
         forced = rerun_from is not None or (start is not None and index == first)
@@ -169,9 +187,9 @@ def run_workflow(
         resume = action == "resume"
         doing = "resuming from its checkpoint" if resume else "running"
         say(f"== {stage.id} ({stage.kind}): {doing}")
-        execute(stage, run_dir, workflow, resume, state.get("seconds", 0.0) if resume else 0.0)
-    say_outputs(workflow, run_dir, write_summary(workflow, run_dir), say)
-    return run_dir
+        carried = state.get("seconds", 0.0) if resume else 0.0
+        if result := execute(stage, run_dir, workflow, resume, carried):
+            say(result)
 
 
 def say_outputs(

@@ -1,38 +1,15 @@
 """summary.md for an `alignkit run`: each stage's wall time and key figures, the
-benchmark table and links to the plots, read from what the stages wrote."""
+benchmark table, whether each benchmark's change between the models is beyond twice
+its standard error, and links to the plots, read from what the stages wrote."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from alignkit import rundir
-from alignkit.workflow.plan import TRAINING, Workflow
+from alignkit.eval.tables import change_table
+from alignkit.workflow.plan import TRAINING, PlannedStage, Workflow, eval_results
 from alignkit.workflow.state import read_state
-
-PREF_FIGURES = (
-    ("eval_rewards/accuracies", "eval reward accuracy"),
-    ("eval_rewards/margins", "eval margin"),
-)
-
-
-def before_after(records: list[dict[str, float]], key: str) -> str | None:
-    values = rundir.metric_values(records, key)
-    if len(values) < 2:
-        return None
-    return f"{values[0]:.3f} → {values[-1]:.3f}"
-
-
-def training_figures(kind: str, out: Path) -> str:
-    records = rundir.read_metrics(out / rundir.METRICS)
-    parts = []
-    if (loss := rundir.last_value(records, "loss")) is not None:
-        parts.append(f"final loss {loss:.4f}")
-    if kind == "sft" and (eval_loss := rundir.last_value(records, "eval_loss")) is not None:
-        parts.append(f"eval loss {eval_loss:.4f}")
-    for key, name in PREF_FIGURES if kind == "pref" else ():
-        if change := before_after(records, key):
-            parts.append(f"{name} {change}")
-    return ", ".join(parts) or "no metrics"
 
 
 def merged_dtype(out: Path) -> str:
@@ -45,7 +22,7 @@ def merged_dtype(out: Path) -> str:
 def stage_figures(kind: str, out: Path) -> str:
     """The figures a reader wants first from one stage's output."""
     if kind in TRAINING:
-        return training_figures(kind, out)
+        return rundir.training_figures(rundir.read_metrics(out / rundir.METRICS))
     if kind == "merge":
         return merged_dtype(out)
     if kind == "eval":
@@ -57,6 +34,22 @@ def wall_time(seconds: float | None) -> str:
     if seconds is None:
         return "–"
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+CHANGES_NOTE = (
+    "Change in points from the first model, ± the combined standard error "
+    "sqrt(se_a² + se_b²). Beyond 2 SE: larger than twice that, unlikely to be sampling "
+    "noise alone (about 95%); within 2 SE: these items cannot tell the two models apart."
+)
+
+
+def changes(stage: PlannedStage, run_dir: Path, workflow: Workflow) -> list[str]:
+    """An eval stage's section on what changed between its models, if it has two."""
+    files = eval_results(stage, run_dir, workflow)
+    if len(files) < 2 or not all(f.is_file() for f in files):
+        return []
+    table = change_table(rundir.load_results(files))
+    return ["", f"## Changes between models ({stage.id})", "", table, "", CHANGES_NOTE]
 
 
 def write_summary(workflow: Workflow, run_dir: Path) -> Path:
@@ -79,12 +72,10 @@ def write_summary(workflow: Workflow, run_dir: Path) -> Path:
         if stage.kind in TRAINING and (out / rundir.CURVES).is_file():
             plots.append(f"![{stage.id} training curves]({stage.id}/{rundir.CURVES})")
         if (out / rundir.TABLE).is_file():
-            tables.append(
-                (out / rundir.TABLE).read_text(encoding="utf-8").split("\n", 2)[-1].strip()
-            )
+            table = (out / rundir.TABLE).read_text(encoding="utf-8").split("\n", 2)[-1].strip()
+            tables += ["", "## Benchmarks", "", table, *changes(stage, run_dir, workflow)]
             plots.append(f"![{stage.id} benchmarks]({stage.id}/{rundir.CHART})")
-    for table in tables:
-        lines += ["", "## Benchmarks", "", table]
+    lines += tables
     if plots:
         lines += ["", "## Plots", "", *plots]
     return rundir.write_text(run_dir / rundir.SUMMARY, "\n".join(lines) + "\n")
