@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             f"No space left on the device holding '{where}'. Free some space, then run the "
             "command again (a training run: with --resume, from its last complete checkpoint)."
         )
+    finally:
+        set_verbose(False)  # -v is for this command only (main may run again in-process)
     return 0
 
 
