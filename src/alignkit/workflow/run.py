@@ -60,7 +60,13 @@ def run_training(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume:
         train_pref(recipe)
 
 
-def run_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bool) -> None:
+def run_stage(
+    stage: PlannedStage,
+    run_dir: Path,
+    workflow: Workflow,
+    resume: bool,
+    say: Callable[[str], None] = print,
+) -> None:
     """Carry out one stage into run_dir/<id>."""
     out = run_dir / stage.id
     if stage.kind in TRAINING:
@@ -74,8 +80,37 @@ def run_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bo
 
         stage.recipe.eval.output_dir, stage.recipe.eval.overwrite = str(out), True
         evaluate_models(eval_specs(stage, run_dir, workflow), stage.recipe)
-    else:
+    elif stage.kind == "card":
         write_card_stage(stage, run_dir, workflow)
+    else:
+        run_ship_stage(stage, run_dir, workflow, say)
+
+
+def run_ship_stage(
+    stage: PlannedStage, run_dir: Path, workflow: Workflow, say: Callable[[str], None]
+) -> None:
+    """Export the input model as GGUF, or push it (skipped, in one line, with no Hub token;
+    the card of the latest card stage before it goes up with it)."""
+    model = model_path(run_dir, workflow, stage.input or BASE)
+    out = run_dir / stage.id
+    if stage.kind == "export":
+        from alignkit.export import export_gguf
+
+        kind = stage.settings.get("type", "f16")
+        export_gguf(model, out / rundir.gguf_name(kind), kind, overwrite=True)
+        return
+    from huggingface_hub import get_token
+
+    from alignkit.push import push
+
+    if get_token() is None:
+        say(f"== {stage.id}: no Hugging Face token configured (hf auth login), push skipped")
+        return
+    before = workflow.stages[: workflow.stages.index(stage)]
+    cards = [run_dir / s.id / rundir.CARD for s in before if s.kind == "card"]
+    repo, private = stage.settings["repo_id"], bool(stage.settings.get("private", False))
+    url = push(model, repo, private, card=cards[-1] if cards else None, say=say)
+    rundir.write_json(out / rundir.PUSH_INFO, {"repo_id": repo, "private": private, "url": url})
 
 
 def write_card_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow) -> None:
@@ -106,13 +141,18 @@ def select(stages: list[PlannedStage], start: str | None, until: str | None) -> 
 
 
 def execute(
-    stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bool, carried: float
+    stage: PlannedStage,
+    run_dir: Path,
+    workflow: Workflow,
+    resume: bool,
+    carried: float,
+    say: Callable[[str], None] = print,
 ) -> None:
     """Run one stage between its `started` and `done` records; `carried` = seconds spent
     by earlier, interrupted attempts."""
     write_state(run_dir, stage, status="started", config=stage_config(stage), seconds=carried)
     started = time.perf_counter()
-    run_stage(stage, run_dir, workflow, resume)
+    run_stage(stage, run_dir, workflow, resume, say)
     seconds = round(time.perf_counter() - started + carried, 1)
     write_state(run_dir, stage, status="done", config=stage_config(stage), seconds=seconds)
 
@@ -153,7 +193,8 @@ def run_workflow(
         resume = action == "resume"
         doing = "resuming from its checkpoint" if resume else "running"
         say(f"== {stage.id} ({stage.kind}): {doing}")
-        execute(stage, run_dir, workflow, resume, state.get("seconds", 0.0) if resume else 0.0)
+        carried = state.get("seconds", 0.0) if resume else 0.0
+        execute(stage, run_dir, workflow, resume, carried, say)
     say_outputs(workflow, run_dir, write_summary(workflow, run_dir), say)
     return run_dir
 
