@@ -132,4 +132,12 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> None:
 
     recipe = _recipe(args, extra)
     key = api_key(args.api_key, args.api_key_file)
-    serve(recipe, args.host, args.port, key, args.served_name, args.max_queue)
+    serve(
+        recipe,
+        args.host,
+        args.port,
+        key,
+        args.served_name,
+        args.max_queue,
+        max_batch=args.max_batch,
+    )

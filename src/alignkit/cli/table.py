@@ -258,7 +258,8 @@ COMMANDS: tuple[Command | Group, ...] = (
     ),
     Command(
         "serve",
-        "Serve a model over an OpenAI-compatible HTTP API (chat, completions, models, health).",
+        "Serve a model over an OpenAI-compatible HTTP API (chat, completions, models, health); "
+        "concurrent requests decode together in one batch.",
         cmd_serve,
         sections=("model",),
         keys=RUNTIME,
@@ -278,6 +279,12 @@ COMMANDS: tuple[Command | Group, ...] = (
                 type=positive,
                 default=16,
                 help="Requests waiting or running at once; more are answered 503 with Retry-After.",
+            ),
+            arg(
+                "--max-batch",
+                type=positive,
+                default=8,
+                help="Requests decoded together in one batch (they join between tokens).",
             ),
         ),
     ),
