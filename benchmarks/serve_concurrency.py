@@ -141,7 +141,8 @@ def main() -> int:
         "ratio_std": std,
         "identical": identical,
     }
-    out = RESULTS / f"serve_concurrency-{summary['dtype'].removeprefix('torch.')}.json"
+    dtype = summary["dtype"].removeprefix("torch.")
+    out = RESULTS / f"serve_concurrency-{dtype}-{summary['cpu_threads']}threads.json"
     rundir.write_json(out, summary)
     print(
         f"throughput ratio (concurrent / one at a time): {mean:.2f} ± {std:.2f} over "

@@ -10,7 +10,13 @@ import torch
 from support import make_tiny_llama
 
 from alignkit.errors import AlignkitError
-from alignkit.export import check_family, check_output, export_gguf, rotate_pairs
+from alignkit.export import (
+    check_family,
+    check_output,
+    export_gguf,
+    pre_tokenizer_name,
+    rotate_pairs,
+)
 
 TEXTS = [
     "Hello world, 12345 tokens here!",
@@ -170,6 +176,16 @@ def test_other_architectures_and_scaled_rope_are_refused():
         check_family(scaled)
     with pytest.raises(AlignkitError, match="sliding_window"):
         check_family(tiny_config("mistral", 300).__class__(sliding_window=4096))
+
+
+def test_the_pre_tokenizer_gets_llama_cpp_s_name_or_a_clear_refusal():
+    byte_level = {"type": "ByteLevel", "use_regex": True}
+    digits = {"type": "Digits", "individual_digits": True}
+    assert pre_tokenizer_name(byte_level) == "gpt-2"
+    sequence = {"type": "Sequence", "pretokenizers": [digits, {**byte_level}]}
+    assert pre_tokenizer_name(sequence) == "smollm"
+    with pytest.raises(AlignkitError, match=r"\['Whitespace'\].*convert_hf_to_gguf"):
+        pre_tokenizer_name({"type": "Whitespace"})
 
 
 def test_an_existing_file_is_kept_unless_overwrite(tmp_path, tiny_model_dir):

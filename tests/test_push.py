@@ -4,6 +4,7 @@ HfApi's calls are replaced)."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import huggingface_hub
@@ -15,7 +16,7 @@ from support import free_port, write_jsonl
 from alignkit.config import load_recipe
 from alignkit.errors import AlignkitError
 from alignkit.merge import merge_adapter
-from alignkit.push import card_problems, push
+from alignkit.push import Upload, card_problems, hub_base, push
 from alignkit.train.sft import train_sft
 
 ROWS = [{"instruction": f"Say {w}.", "output": f"{w} {w}"} for w in ["red", "blue", "gold"]]
@@ -94,6 +95,16 @@ def test_an_adapter_goes_up_as_an_adapter_without_checkpoints(runs, hub):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
     assert not set(files) & MODEL_FILES and not any("checkpoint" in f for f in files)
     assert card_meta(files)["library_name"] == "peft"
+
+
+def test_an_adapter_on_a_local_copy_of_a_hub_model_names_the_hub_id(tmp_path):
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps({"base_model_name_or_path": str(tmp_path), "r": 8}))
+    weights = Upload("adapter_model.safetensors", b"...")
+    uploads, notes = hub_base([Upload(config.name, config), weights], "org/base")
+    assert json.loads(uploads[0].source) == {"base_model_name_or_path": "org/base", "r": 8}
+    assert uploads[1] is weights and "goes up as 'org/base'" in notes[0]
+    assert hub_base([Upload(config.name, config)], None)[1] == []  # no hub id known: as is
 
 
 def test_dry_run_lists_files_and_sizes_and_calls_nothing(runs, hub, monkeypatch):

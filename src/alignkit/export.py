@@ -115,10 +115,22 @@ def tokenizer_json(tokenizer: Any) -> dict[str, Any]:
     return json.loads(tokenizer.backend_tokenizer.to_str())
 
 
-def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
-    """llama.cpp's name (`tokenizer.ggml.pre`) for how a byte-level BPE tokenizer splits text."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+def reader_splits() -> dict[str, str]:
+    """transformers' table of llama.cpp pre-tokenizer names and their split regexes (absent
+    from releases before its GGUF tokenizer rewrite: then only regex-free ones are named)."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_PRE_TOKENIZER_SPLITS,
+        )
+    except ImportError:
+        return {}
+    return GGUF_PRE_TOKENIZER_SPLITS
 
+
+def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for how a byte-level BPE tokenizer splits text.
+    A split by regex is named from the table transformers' GGUF reader rebuilds it with, so
+    the file reads back into the same tokenizer."""
     steps = (pre or {}).get("pretokenizers") or ([pre] if pre else [])
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
@@ -127,7 +139,7 @@ def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
         return "smollm"
     if kinds == ["Split", "ByteLevel"]:
         pattern = steps[0].get("pattern", {}).get("Regex")
-        for name, split in GGUF_PRE_TOKENIZER_SPLITS.items():
+        for name, split in reader_splits().items():
             if split == pattern:
                 return name
     raise AlignkitError(

@@ -10,6 +10,7 @@ never holds half a push. `--dry-run` lists the files and checks the card, offlin
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,8 +113,7 @@ def base_of(spec: str, directory: Path, adapter: bool) -> tuple[str | None, str 
 
 def card_text(spec: str, directory: Path, adapter: bool, repo_id: str) -> str:
     """The README to push: an alignkit card of the dir, or a minimal one."""
-    name = repo_id.split("/")[-1]
-    text = model_card(directory, name)
+    text = model_card(directory, repo_id)  # the name its usage code loads
     if text is None:
         base, license_ = base_of(spec, directory, adapter)
         text = minimal_card(repo_id, base, license_, "peft" if adapter else "transformers")
@@ -206,10 +206,34 @@ def plan_push(spec: str, repo_id: str, card: Path | None = None) -> PushPlan:
     )
     text, notes = ready_card(text, adapter, directory)
     uploads = [Upload(p.name, p) for p in files]
+    if adapter:
+        uploads, renamed = hub_base(uploads, card_base(text))
+        notes += renamed
     uploads.append(Upload(rundir.CARD, text.encode("utf-8")))
     if (directory / rundir.CURVES).is_file():
         uploads.append(Upload(rundir.CURVES, directory / rundir.CURVES))
     return PushPlan(repo_id, directory, adapter, uploads, notes)
+
+
+def card_base(text: str) -> str | None:
+    from huggingface_hub import ModelCard
+
+    base = ModelCard(text).data.base_model
+    return base if isinstance(base, str) else None
+
+
+def hub_base(uploads: list[Upload], base: str | None) -> tuple[list[Upload], list[str]]:
+    """The uploads with an adapter config that names its base by Hub id (the card's) where
+    it names a local path (the converted default model, say), so peft loads it from the Hub."""
+    config = next(u for u in uploads if u.path_in_repo == rundir.ADAPTER_CONFIG)
+    data = json.loads(config.source.read_text(encoding="utf-8"))
+    named = data.get("base_model_name_or_path")
+    if base is None or not isinstance(named, str) or is_hub_id(named):
+        return uploads, []
+    data["base_model_name_or_path"] = base
+    fixed = Upload(rundir.ADAPTER_CONFIG, json.dumps(data, indent=2).encode("utf-8"))
+    note = f"{rundir.ADAPTER_CONFIG}: base model '{named}' is local; it goes up as '{base}'"
+    return [fixed if u is config else u for u in uploads], [note]
 
 
 def human_size(size: int) -> str:
