@@ -11,7 +11,18 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "alignkit"
 LAYERS = [
     ("errors", "rundir", "config"),
     ("models", "chat_templates", "plots", "console", "data", "losses"),
-    ("config.check", "card", "merge", "generate", "eval", "train", "chat", "serve"),
+    (
+        "config.check",
+        "card",
+        "merge",
+        "export",
+        "push",
+        "generate",
+        "eval",
+        "train",
+        "chat",
+        "serve",
+    ),
     ("workflow",),
     ("cli", "__main__"),
 ]

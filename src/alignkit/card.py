@@ -280,6 +280,51 @@ def distinct_stages(run_dirs: list[Path]) -> list[Path]:
     return [p for i, p in enumerate(run_dirs) if records[i] not in records[i + 1 :]]
 
 
+def has_record(path: Path) -> bool:
+    """Whether a dir holds a training record (a training run, or a model merged from one)."""
+    return all((path / n).is_file() for n in (rundir.CONFIG, rundir.RUN_INFO, rundir.METRICS))
+
+
+def record_chain(model_dir: Path) -> list[Path]:
+    """The run dirs behind a model, first stage first: a stage trained from a local model
+    that has a training record of its own (a merged earlier stage) brings that record."""
+    chain = [model_dir]
+    while True:
+        start = Path(load_record(chain[0]).recipe.model.name_or_path).expanduser()
+        seen = [p.resolve() for p in chain]
+        if not (start.is_dir() and has_record(start)) or start.resolve() in seen:
+            return chain
+        chain.insert(0, start)
+
+
+def minimal_card(name: str, base: str | None, license_: str | None, library: str) -> str:
+    """A valid card for a model without a training record: metadata, name and usage."""
+    meta: dict[str, Any] = {"license": license_ or "other"}
+    if base:
+        meta["base_model"] = base
+    meta.update(library_name=library, tags=["alignkit"], pipeline_tag="text-generation")
+    sections = [
+        "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n",
+        MARKER,
+        f"# {name}\n\nUploaded with alignkit. It has no alignkit training record, so how it "
+        "was trained is not described here.",
+        "## Usage\n\n" + usage(name),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def model_card(model_dir: Path, name: str) -> str | None:
+    """The card of a model dir: its own README when alignkit wrote it, else one rendered
+    from its training record (and the records of the stages before it); None without one."""
+    readme = model_dir / rundir.CARD
+    if readme.is_file() and MARKER in readme.read_text(encoding="utf-8", errors="replace"):
+        return readme.read_text(encoding="utf-8")
+    if not has_record(model_dir):
+        return None
+    stages = [load_record(p) for p in distinct_stages(record_chain(model_dir))]
+    return render_card(stages, [], model_dir, name)
+
+
 def write_card(
     run_dirs: list[Path],
     eval_paths: list[Path],

@@ -91,3 +91,14 @@ def test_bundled_model_answers_through_alignkit_chat():
     )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+def test_push_dry_run_and_export_from_the_command_line(tiny_model_dir, tmp_path, capsys):
+    assert main(["push", str(tiny_model_dir), "--repo-id", "me/tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "model.safetensors" in out and "nothing was uploaded" in out
+    gguf = tmp_path / "tiny.gguf"
+    assert main(["export", str(tiny_model_dir), "--gguf", str(gguf), "--type", "q8_0"]) == 0
+    assert "GGUF (q8_0) written to" in capsys.readouterr().out
+    assert main(["export", str(tiny_model_dir), "--gguf", str(gguf)]) == 2
+    assert "Pass --overwrite" in capsys.readouterr().err

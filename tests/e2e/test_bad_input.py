@@ -583,6 +583,33 @@ OPTION_CASES = [
     ),
     Case("serve-port-text", plain("serve", "{ws}/tiny", "--port", "http"), ("--port",)),
     Case(
+        "export-not-a-gguf-path",
+        plain("export", "{ws}/tiny", "--gguf", "{ws}/model.bin"),
+        ("model.bin", ".gguf"),
+    ),
+    Case(
+        "export-unknown-type",
+        plain("export", "{ws}/tiny", "--gguf", "{ws}/m.gguf", "--type", "q4"),
+        ("--type", "q4"),
+    ),
+    Case(
+        "export-over-an-existing-file",
+        plain("export", "{ws}/tiny", "--gguf", "{ws}/m.gguf"),
+        ("m.gguf", "--overwrite"),
+        raw("m.gguf", b"an earlier export"),
+    ),
+    Case(
+        "push-repo-id-without-owner",
+        plain("push", "{ws}/tiny", "--repo-id", "tiny", "--dry-run"),
+        ("--repo-id", "USER/NAME"),
+    ),
+    Case(
+        "push-dir-without-weights",
+        plain("push", "{ws}", "--repo-id", "me/tiny", "--dry-run"),
+        ("holds no model weights", "sft, pref or merge"),
+        text("notes.txt", "no weights here"),
+    ),
+    Case(
         "eval-unknown-task", plain("eval", "{ws}/tiny", "--tasks", "nope", "--offline"), ("nope",)
     ),
     Case(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 import yaml
@@ -186,6 +187,8 @@ def test_interrupted_pref_resumes_and_matches_an_uninterrupted_run(
         ),
         (lambda r: r["stages"][0].update(model={"name_or_path": "x"}), "its input"),
         (lambda r: r["stages"][1].update(models=["base"]), "does not take"),
+        (lambda r: r["stages"].append({"stage": "push"}), "needs `repo_id: USER/NAME`"),
+        (lambda r: r["stages"].append({"stage": "export", "type": "q4"}), "use one of f32"),
     ],
     ids=[
         "unknown-stage",
@@ -196,6 +199,8 @@ def test_interrupted_pref_resumes_and_matches_an_uninterrupted_run(
         "eval-unknown-model",
         "stage-model-path",
         "misplaced-key",
+        "push-without-repo",
+        "export-bad-type",
     ],
 )
 def test_malformed_recipes_fail_before_any_training(
@@ -210,6 +215,33 @@ def test_malformed_recipes_fail_before_any_training(
     with pytest.raises(AlignkitError, match=message):
         run(path, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_export_and_push_stages_ship_the_latest_model(tmp_path, tiny_model_dir, monkeypatch):
+    stages = [{"stage": "export", "type": "q8_0"}, {"stage": "push", "repo_id": "me/tiny"}]
+    recipe = {"name": "ship", "model": {"name_or_path": str(tiny_model_dir)}, "stages": stages}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    first = run(path, run_dir)
+    assert (run_dir / "export" / "model-q8_0.gguf").read_bytes()[:4] == b"GGUF"
+    assert "== push: no Hugging Face token configured (hf auth login), push skipped" in first
+    assert "| push | push | done | " in (run_dir / "summary.md").read_text()
+
+    pushed = []
+
+    def upload(plan, private, revision):
+        pushed.append((plan.repo_id, plan.model_dir, private, revision))
+        return "https://huggingface.co/me/tiny/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr("alignkit.push.upload", upload)
+    second = run(path, run_dir)
+    assert "== export (export): unchanged and complete, skipped" in second
+    assert pushed == [("me/tiny", tiny_model_dir, False, None)]
+    assert "commit/1" in (run_dir / "summary.md").read_text()
+    assert "skipped" in run(path, run_dir) and len(pushed) == 1  # pushed once
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, tiny_model_dir, capsys):

@@ -18,6 +18,11 @@ def _recipe(args: argparse.Namespace, extra: list[str], command: str = "") -> Re
     return recipe
 
 
+def no_settings(command: str, extra: list[str]) -> None:
+    if extra:
+        raise AlignkitError(f"alignkit {command} takes no settings; got {' '.join(extra)}.")
+
+
 def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> None:
     from alignkit.data.inspection import inspect_source, print_report
 
@@ -56,8 +61,7 @@ def cmd_pref(args: argparse.Namespace, extra: list[str]) -> None:
 def cmd_merge(args: argparse.Namespace, extra: list[str]) -> None:
     from alignkit.merge import merge_adapter
 
-    if extra:
-        raise AlignkitError(f"alignkit merge takes no settings; got {' '.join(extra)}.")
+    no_settings("merge", extra)
     out = merge_adapter(args.adapter_dir, Path(args.out).expanduser(), args.dtype, args.overwrite)
     print(f"merged model written to {out}")
 
@@ -65,14 +69,28 @@ def cmd_merge(args: argparse.Namespace, extra: list[str]) -> None:
 def cmd_card(args: argparse.Namespace, extra: list[str]) -> None:
     from alignkit.card import write_card
 
-    if extra:
-        raise AlignkitError(f"alignkit card takes no settings; got {' '.join(extra)}.")
+    no_settings("card", extra)
     run_dirs = [Path(p) for p in args.run_dirs]
     evals = [Path(p) for p in args.eval or []]
     out = write_card(
         run_dirs, evals, Path(args.out) if args.out else None, args.name, args.overwrite
     )
     print(f"model card written to {out}")
+
+
+def cmd_push(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.push import push
+
+    no_settings("push", extra)
+    push(args.model, args.repo_id, args.private, args.revision, args.dry_run)
+
+
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.export import export_gguf
+
+    no_settings("export", extra)
+    out = export_gguf(args.model, Path(args.gguf).expanduser(), args.type, args.overwrite)
+    print(f"GGUF ({args.type}) written to {out}")
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
@@ -114,4 +132,12 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> None:
 
     recipe = _recipe(args, extra)
     key = api_key(args.api_key, args.api_key_file)
-    serve(recipe, args.host, args.port, key, args.served_name, args.max_queue)
+    serve(
+        recipe,
+        args.host,
+        args.port,
+        key,
+        args.served_name,
+        args.max_queue,
+        max_batch=args.max_batch,
+    )

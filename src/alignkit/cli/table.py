@@ -9,13 +9,16 @@ from alignkit.cli.handlers import (
     cmd_chat,
     cmd_data_inspect,
     cmd_eval,
+    cmd_export,
     cmd_merge,
     cmd_pref,
+    cmd_push,
     cmd_run,
     cmd_serve,
     cmd_sft,
 )
 from alignkit.cli.spec import Command, Group, arg, field_help, port, positive, source_arg
+from alignkit.export import GGUF_TYPES
 
 CONFIG = arg("--config", help="Recipe YAML file; flags and overrides apply on top of it.")
 VERBOSE = arg(
@@ -28,6 +31,11 @@ VERBOSE = arg(
 )
 MODEL = arg("model.name_or_path", nargs="?", metavar="MODEL", help=field_help("model.name_or_path"))
 RUNTIME = ("model.chat_template", "model.dtype", "model.device")
+SHIPPED = arg(
+    "model",
+    metavar="MODEL",
+    help="A merged model, run or adapter dir, or default (the bundled model).",
+)
 
 COMMANDS: tuple[Command | Group, ...] = (
     Group(
@@ -162,6 +170,50 @@ COMMANDS: tuple[Command | Group, ...] = (
         ),
     ),
     Command(
+        "push",
+        "Upload a model or adapter (weights, tokenizer, card, curves) to the Hugging Face Hub.",
+        cmd_push,
+        description="Upload a model dir, or a LoRA adapter dir as an adapter, to a Hub "
+        "repository in one commit: weights, config and tokenizer files, a model card (the "
+        "dir's alignkit card, one rendered from its training record, or a minimal one) and "
+        "training_curves.png. Needs a token (`hf auth login` or HF_TOKEN).",
+        args=(
+            SHIPPED,
+            arg(
+                "--repo-id",
+                required=True,
+                metavar="USER/NAME",
+                help="Hub repository; made if missing.",
+            ),
+            arg("--private", action="store_true", help="Make a new repository private."),
+            arg("--revision", help="Branch to push to (made from main if missing); default main."),
+            arg(
+                "--dry-run",
+                action="store_true",
+                help="List the files and sizes and check the card metadata; upload nothing.",
+            ),
+        ),
+    ),
+    Command(
+        "export",
+        "Write a Llama-family model (llama, mistral, qwen2) as a GGUF file for llama.cpp.",
+        cmd_export,
+        description="Write a model (an adapter merged into its base first) as one GGUF file: "
+        "weights, tokenizer and chat template, loadable by llama.cpp and by transformers "
+        "(gguf_file=...).",
+        args=(
+            SHIPPED,
+            arg("--gguf", required=True, metavar="OUT.gguf", help="The GGUF file to write."),
+            arg(
+                "--type",
+                default="f16",
+                choices=GGUF_TYPES,
+                help="Weight type of the matrices (vectors stay f32); q8_0 is 8-bit.",
+            ),
+            arg("--overwrite", action="store_true", help="Replace an existing OUT.gguf."),
+        ),
+    ),
+    Command(
         "eval",
         "Benchmarks through lm-evaluation-harness (IFEval, GSM8K, MMLU, TruthfulQA, ...), "
         "online or on the shipped offline copies; a comparison table and chart.",
@@ -196,7 +248,7 @@ COMMANDS: tuple[Command | Group, ...] = (
     ),
     Command(
         "run",
-        "Run a workflow recipe's stages (sft, pref, merge, eval, card) in order.",
+        "Run a workflow recipe's stages (sft, pref, merge, eval, card, export, push) in order.",
         cmd_run,
         description="Run the stages a recipe lists, each in its own subdirectory of the run dir; "
         "finished unchanged stages are skipped, an interrupted stage resumes, a changed stage "
@@ -216,7 +268,8 @@ COMMANDS: tuple[Command | Group, ...] = (
     ),
     Command(
         "serve",
-        "Serve a model over an OpenAI-compatible HTTP API (chat, completions, models, health).",
+        "Serve a model over an OpenAI-compatible HTTP API (chat, completions, models, health); "
+        "concurrent requests decode together in one batch.",
         cmd_serve,
         sections=("model",),
         keys=RUNTIME,
@@ -236,6 +289,12 @@ COMMANDS: tuple[Command | Group, ...] = (
                 type=positive,
                 default=16,
                 help="Requests waiting or running at once; more are answered 503 with Retry-After.",
+            ),
+            arg(
+                "--max-batch",
+                type=positive,
+                default=8,
+                help="Requests decoded together in one batch (they join between tokens).",
             ),
         ),
     ),

@@ -39,6 +39,26 @@ PREVIOUS = ".previous"
 # what travels from an adapter run into the merged model made from it
 TRAINING_RECORD = (CONFIG, METRICS, RUN_INFO, CURVES)
 
+# model files (transformers' and peft's names): what `alignkit push` uploads of a model dir
+MODEL_CONFIG = "config.json"
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_FILES = (MODEL_CONFIG, "generation_config.json", "*.safetensors", "*.safetensors.index.json")
+ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+# ship outputs (workflow push and export stages)
+PUSH_INFO = "push.json"
+
 
 def default_dir(command: str) -> Path:
     """Where a command writes when no output dir is given: runs/<command>."""
@@ -61,3 +81,16 @@ def checkpoints(directory: Path) -> list[Path]:
 
 def state_file(run_dir: Path, stage_id: str) -> Path:
     return run_dir / STATE_DIR / f"{stage_id}.json"
+
+
+def gguf_name(kind: str) -> str:
+    """The GGUF file a workflow export stage writes, by weight type."""
+    return f"model-{kind}.gguf"
+
+
+def model_files(directory: Path, adapter: bool) -> list[Path]:
+    """A model dir's weight, config and tokenizer files (top level only: never a
+    checkpoint), sorted by name."""
+    patterns = (ADAPTER_FILES if adapter else MODEL_FILES) + TOKENIZER_FILES
+    found = {p for pattern in patterns for p in directory.glob(pattern) if p.is_file()}
+    return sorted(found, key=lambda p: p.name)

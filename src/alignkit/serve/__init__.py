@@ -1,7 +1,7 @@
 """`alignkit serve`: an OpenAI-compatible HTTP API over one loaded model.
 
-`schema` validates requests, `engine` runs one generation at a time from a bounded,
-cancellable queue, `app` maps routes to it. Needs the `serve` extra (fastapi, uvicorn).
+`schema` validates requests, `engine` holds a bounded, cancellable queue whose requests
+`batch` decodes together (each with its own sampling and stops), `app` maps routes to it. Needs the `serve` extra (fastapi, uvicorn).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ __all__ = ["Engine", "StopTrimmer", "create_app", "cut_at_stop", "load_engine", 
 API_KEY_ENV = "ALIGNKIT_API_KEY"
 
 
-def load_engine(recipe: Any, name: str | None = None, max_queue: int = 16) -> Engine:
+def load_engine(
+    recipe: Any, name: str | None = None, max_queue: int = 16, max_batch: int = 8
+) -> Engine:
     from alignkit.chat_templates import check_trained_markers, resolve_template
     from alignkit.models import load_model, load_tokenizer
 
@@ -30,7 +32,9 @@ def load_engine(recipe: Any, name: str | None = None, max_queue: int = 16) -> En
     model = load_model(recipe.model).eval()
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     name = name or recipe.model.name_or_path
-    return Engine(model, tokenizer, template, name, context, max_queue=max_queue)
+    return Engine(
+        model, tokenizer, template, name, context, max_queue=max_queue, max_batch=max_batch
+    )
 
 
 def api_key(given: str | None, key_file: str | None) -> str | None:
@@ -83,6 +87,7 @@ def serve(
     name: str | None,
     max_queue: int = 16,
     say: Any = print,
+    max_batch: int = 8,
 ) -> None:
     import uvicorn
 
@@ -92,7 +97,7 @@ def serve(
             f"can use the model. Set {API_KEY_ENV} or pass --api-key-file."
         )
     check_bindable(host, port)
-    engine = load_engine(recipe, name, max_queue)
+    engine = load_engine(recipe, name, max_queue, max_batch)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:

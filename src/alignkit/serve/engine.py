@@ -1,10 +1,11 @@
-"""The generation worker: one model, one generation at a time, a bounded queue.
+"""The server's requests: limits, a bounded queue, cancellation, and the shared batch.
 
 Requests wait on an asyncio future, not on a thread, so a full queue never blocks the
-server (`/health` keeps answering). Each job carries a cancel flag that generation
-checks between decoding steps: a client that disconnects or times out stops its
-generation at the next token, a job cancelled while queued never starts, and shutdown
-(SIGTERM) stops the running one and refuses the rest.
+server (`/health` keeps answering). Each job runs in a worker thread that hands it to the
+`Batcher`, where it decodes together with the other requests of the moment. A job carries
+a cancel flag that the batch checks between decoding steps: a client that disconnects or
+times out stops its generation at the next token, a job cancelled while queued never
+starts, and shutdown (SIGTERM) stops the running ones and refuses the rest.
 """
 
 from __future__ import annotations
@@ -16,19 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from alignkit.chat import text_streamer
 from alignkit.chat_templates import ChatTemplate
-from alignkit.config import GenerationConfig
-from alignkit.generate import generate_ids, prompt_ids, stop_token_ids
+from alignkit.generate import prompt_ids, stop_token_ids
+from alignkit.serve.batch import Batcher, Cancelled, Request, Sampler
 from alignkit.serve.schema import ApiError, ChatMessage, Sampling
 
 RETRY_AFTER_S = 5
-
-
-class Cancelled(Exception):
-    """The job was stopped: its client left, or the server is shutting down."""
+__all__ = ["Cancelled", "Engine", "Generation", "Job", "cut_at_stop"]
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -37,45 +32,13 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-def completion_stop(tokenizer: Any, prompt_len: int, stops: list[str]) -> Any:
-    """Stop once a stop string appears in the generated text.
-
-    transformers' own `stop_strings` also match across the prompt's last tokens (a prompt
-    ending in a newline plus two generated ones matches a three-newline stop); here only
-    the completion counts.
-    """
-    from transformers import StoppingCriteria
-
-    class CompletionStop(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            text = tokenizer.decode(input_ids[0, prompt_len:], skip_special_tokens=True)
-            hit = any(s in text for s in stops)
-            return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
-
-    return CompletionStop()
-
-
-def cancel_check(job: Job, stopping: threading.Event) -> Any:
-    """A stopping criterion that ends generation at the next step once the job is
-    cancelled or the server stops, and marks the job as cut short."""
-    from transformers import StoppingCriteria
-
-    class CancelCheck(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            if job.cancel.is_set() or stopping.is_set():
-                job.interrupted = True
-            size = (input_ids.shape[0],)
-            return torch.full(size, job.interrupted, dtype=torch.bool, device=input_ids.device)
-
-    return CancelCheck()
-
-
 @dataclass
 class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    ids: list[int] = field(default_factory=list)  # the completion's token ids
 
 
 @dataclass
@@ -85,7 +48,6 @@ class Job:
     budget: int
     on_text: Callable[[str], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
-    interrupted: bool = False  # generation was cut short by cancel or shutdown
     holds_slot: bool = False  # counted in the queue bound
 
 
@@ -97,12 +59,20 @@ class Engine:
     name: str
     context_length: int
     max_queue: int = 16  # jobs waiting or running; more are answered 503
-    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
+    max_batch: int = 8  # jobs decoded together
     stopping: threading.Event = field(default_factory=threading.Event)
     counts: dict[str, int] = field(
         default_factory=lambda: {"queued": 0, "running": 0, "done": 0, "cancelled": 0}
     )
     lock: threading.Lock = field(default_factory=threading.Lock)
+    worker: ThreadPoolExecutor = field(init=False)
+    batcher: Batcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        # a thread per job waits on the batch; cancelled jobs leave theirs within a step
+        self.worker = ThreadPoolExecutor(max_workers=self.max_queue + self.max_batch)
+        stops = set(stop_token_ids(self.template, self.tokenizer))
+        self.batcher = Batcher(self.model, self.tokenizer, stops, self.stopping, self.max_batch)
 
     def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
         as_dicts = [{"role": m.role, "content": m.text()} for m in messages]
@@ -143,7 +113,7 @@ class Engine:
         return asked or min(room, 512)
 
     def submit(self, job: Job) -> asyncio.Future:
-        """Queue a job on the single worker; 503 when the queue is full or closing."""
+        """Queue a job; 503 when the queue is full or closing."""
         with self.lock:
             if self.stopping.is_set():
                 raise ApiError(503, "The server is shutting down.", code="shutting_down")
@@ -176,8 +146,6 @@ class Engine:
             if job.cancel.is_set() or self.stopping.is_set():
                 raise Cancelled
             gen = self._generate(job)
-            if job.interrupted:
-                raise Cancelled
             self._count("done")
             return gen
         except Cancelled:
@@ -192,24 +160,16 @@ class Engine:
             self.counts[key] += step
 
     def _generate(self, job: Job) -> Generation:
-        request, ids = job.request, job.ids
-        cfg = GenerationConfig(
-            max_new_tokens=job.budget,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed or 0,
+        """Decode the job in the shared batch (raises Cancelled when it is stopped)."""
+        request, stops = job.request, job.request.stops()
+        sampler = Sampler(request.temperature, request.top_p, request.top_k or 0, request.seed or 0)
+        decoded = self.batcher.decode(
+            Request(job.ids, job.budget, sampler, stops, job.on_text, job.cancel)
         )
-        stops = request.stops()
-        criteria = [cancel_check(job, self.stopping)]
-        if stops:
-            criteria.append(completion_stop(self.tokenizer, len(ids), stops))
-        streamer = text_streamer(self.tokenizer, job.on_text) if job.on_text else None
-        out = generate_ids(self.model, self.tokenizer, self.template, ids, cfg, streamer, criteria)
-        text, stopped = cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), stops)
-        end_ids = stop_token_ids(self.template, self.tokenizer)
-        ended = stopped or (len(out) > 0 and int(out[-1]) in end_ids) or len(out) < job.budget
-        return Generation(text, len(ids), len(out), "stop" if ended else "length")
+        text, stopped = cut_at_stop(decoded.text, stops)
+        reason = "stop" if stopped or decoded.reason == "stop" else "length"
+        return Generation(text, len(job.ids), len(decoded.ids), reason, decoded.ids)
 
     def stop(self) -> None:
-        """Shutdown: the running generation ends at its next token, queued jobs never run."""
+        """Shutdown: running generations end at their next token, queued jobs never run."""
         self.stopping.set()

@@ -52,6 +52,7 @@ class Sampling(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # not OpenAI's; as vLLM and llama.cpp take it
     stop: Text | list[Text] | None = None
     n: int = 1
     seed: int | None = Field(None, ge=0, le=MAX_SEED)

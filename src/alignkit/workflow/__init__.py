@@ -1,4 +1,5 @@
-"""`alignkit run`: a recipe's stages (sft, pref, merge, eval, card) in order, in one run dir.
+"""`alignkit run`: a recipe's stages (sft, pref, merge, eval, card, export, push) in order,
+in one run dir.
 
 `plan` parses and links the stages, `state` fingerprints them (`digest` reads what they
 take from disk) and decides what to do, `run` carries them out, `check` validates a dry run, `summary` writes summary.md.

@@ -4,8 +4,9 @@ A workflow recipe is a normal recipe (its sections are every stage's defaults) p
 `stages`, a list of mappings with `stage` (the kind), an optional `id`, an optional
 `input` (the id of an earlier stage whose model this one takes; default the latest
 model), section overrides, and per-kind keys: merge `dtype`, eval `models`, card
-`name`. Each stage's recipe is the public layering of `config.resolve_recipe`: the
-defaults, the shared sections, the stage's own sections, then the overrides.
+`name`, push `repo_id` and `private`, export `type`. Each stage's recipe is the public
+layering of `config.resolve_recipe`: the defaults, the shared sections, the stage's own
+sections, then the overrides.
 """
 
 from __future__ import annotations
@@ -19,11 +20,17 @@ from typing import Any
 from alignkit.config import Recipe, check_keys, parse_overrides, read_yaml, resolve_recipe
 from alignkit.errors import AlignkitError
 
-KINDS = ("sft", "pref", "merge", "eval", "card")
+KINDS = ("sft", "pref", "merge", "eval", "card", "push", "export")
 TRAINING = ("sft", "pref")
 MODEL_MAKERS = ("sft", "pref", "merge")
-STAGE_KEYS = {"stage", "id", "input", "dtype", "models", "name"}
-KIND_KEYS = {"merge": {"dtype"}, "eval": {"models"}, "card": {"name"}}
+STAGE_KEYS = {"stage", "id", "input", "dtype", "models", "name", "repo_id", "private", "type"}
+KIND_KEYS = {
+    "merge": {"dtype"},
+    "eval": {"models"},
+    "card": {"name"},
+    "push": {"repo_id", "private"},
+    "export": {"type"},
+}
 BASE = "base"
 
 
@@ -86,10 +93,26 @@ def check_stage_item(item: Any, index: int, where: str) -> None:
         raise AlignkitError(
             f"{where}: stages[{index}] ({item['stage']}) does not take {sorted(extra)}."
         )
+    check_ship_settings(item, index, where)
     if isinstance(item.get("model"), dict) and "name_or_path" in item["model"]:
         raise AlignkitError(
             f"{where}: stages[{index}] sets model.name_or_path; a stage's model is its input "
             "(`input: <stage id>`), the recipe's model.name_or_path is the base."
+        )
+
+
+def check_ship_settings(item: dict[str, Any], index: int, where: str) -> None:
+    """A push stage names its repository; an export stage's type is one GGUF can take."""
+    from alignkit.export import GGUF_TYPES
+
+    if item["stage"] == "push" and not isinstance(item.get("repo_id"), str):
+        raise AlignkitError(
+            f"{where}: stages[{index}] (push) needs `repo_id: USER/NAME`, the Hub repository."
+        )
+    if item["stage"] == "export" and item.get("type", "f16") not in GGUF_TYPES:
+        raise AlignkitError(
+            f"{where}: stages[{index}] (export) has type '{item['type']}'; use one of "
+            f"{', '.join(GGUF_TYPES)}."
         )
 
 

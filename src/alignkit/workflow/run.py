@@ -62,7 +62,13 @@ def run_training(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume:
         train_pref(recipe)
 
 
-def run_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bool) -> str | None:
+def run_stage(
+    stage: PlannedStage,
+    run_dir: Path,
+    workflow: Workflow,
+    resume: bool,
+    say: Callable[[str], None] = say,
+) -> str | None:
     """Carry out one stage into run_dir/<id>; the result line to say, where the stage's
     own function says none (training and eval stages say theirs)."""
     out = run_dir / stage.id
@@ -78,9 +84,38 @@ def run_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bo
 
         stage.recipe.eval.output_dir, stage.recipe.eval.overwrite = str(out), True
         evaluate_models(eval_specs(stage, run_dir, workflow), stage.recipe)
-    else:
+    elif stage.kind == "card":
         return f"model card written to {write_card_stage(stage, run_dir, workflow)}"
+    else:
+        return run_ship_stage(stage, run_dir, workflow, say)
     return None
+
+
+def run_ship_stage(
+    stage: PlannedStage, run_dir: Path, workflow: Workflow, say: Callable[[str], None]
+) -> str:
+    """Export the input model as GGUF, or push it (skipped, in one line, with no Hub token;
+    the card of the latest card stage before it goes up with it). Returns the result line."""
+    model = model_path(run_dir, workflow, stage.input or BASE)
+    out = run_dir / stage.id
+    if stage.kind == "export":
+        from alignkit.export import export_gguf
+
+        kind = stage.settings.get("type", "f16")
+        path = export_gguf(model, out / rundir.gguf_name(kind), kind, overwrite=True)
+        return f"GGUF written to {path}"
+    from huggingface_hub import get_token
+
+    from alignkit.push import push
+
+    if get_token() is None:
+        return f"== {stage.id}: no Hugging Face token configured (hf auth login), push skipped"
+    before = workflow.stages[: workflow.stages.index(stage)]
+    cards = [run_dir / s.id / rundir.CARD for s in before if s.kind == "card"]
+    repo, private = stage.settings["repo_id"], bool(stage.settings.get("private", False))
+    url = push(model, repo, private, card=cards[-1] if cards else None, say=say)
+    rundir.write_json(out / rundir.PUSH_INFO, {"repo_id": repo, "private": private, "url": url})
+    return f"pushed to {url}"
 
 
 def write_card_stage(stage: PlannedStage, run_dir: Path, workflow: Workflow) -> Path:
@@ -107,13 +142,18 @@ def select(stages: list[PlannedStage], start: str | None, until: str | None) -> 
 
 
 def execute(
-    stage: PlannedStage, run_dir: Path, workflow: Workflow, resume: bool, carried: float
+    stage: PlannedStage,
+    run_dir: Path,
+    workflow: Workflow,
+    resume: bool,
+    carried: float,
+    say: Callable[[str], None] = say,
 ) -> str | None:
     """Run one stage between its `started` and `done` records; `carried` = seconds spent
     by earlier, interrupted attempts. Returns the stage's result line, if it said none."""
     write_state(run_dir, stage, status="started", config=stage_config(stage), seconds=carried)
     started = time.perf_counter()
-    result = run_stage(stage, run_dir, workflow, resume)
+    result = run_stage(stage, run_dir, workflow, resume, say)
     seconds = round(time.perf_counter() - started + carried, 1)
     write_state(run_dir, stage, status="done", config=stage_config(stage), seconds=seconds)
     return result
@@ -188,7 +228,7 @@ def run_stages(
         doing = "resuming from its checkpoint" if resume else "running"
         say(f"== {stage.id} ({stage.kind}): {doing}")
         carried = state.get("seconds", 0.0) if resume else 0.0
-        if result := execute(stage, run_dir, workflow, resume, carried):
+        if result := execute(stage, run_dir, workflow, resume, carried, say):
             say(result)
 
 

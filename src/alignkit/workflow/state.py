@@ -24,6 +24,8 @@ SECTIONS = {  # the recipe sections a stage's fingerprint covers
     "merge": (),
     "eval": ("model", "eval"),
     "card": (),
+    "push": (),
+    "export": (),
 }
 RUNNER_KEYS = {"train": ("output_dir", "overwrite", "resume"), "eval": ("output_dir", "overwrite")}
 

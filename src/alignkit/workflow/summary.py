@@ -27,6 +27,11 @@ def stage_figures(kind: str, out: Path) -> str:
         return merged_dtype(out)
     if kind == "eval":
         return f"[{rundir.TABLE}]({out.name}/{rundir.TABLE}), [{rundir.CHART}]({out.name}/{rundir.CHART})"
+    if kind == "export":
+        return ", ".join(f"[{p.name}]({out.name}/{p.name})" for p in sorted(out.glob("*.gguf")))
+    if kind == "push":
+        info = out / rundir.PUSH_INFO
+        return rundir.read_json(info)["url"] if info.is_file() else "skipped (no Hub token)"
     return f"[{rundir.CARD}]({out.name}/{rundir.CARD})"
 
 
