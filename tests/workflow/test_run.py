@@ -116,7 +116,7 @@ def test_unchanged_stages_skip_and_a_change_reruns_from_there(tmp_path, tiny_mod
 def test_a_stage_rerun_alone_leaves_the_later_stages_stale(tmp_path, tiny_model_dir, monkeypatch):
     ran: list[str] = []
 
-    def fake_stage(stage, run_dir, workflow, resume):
+    def fake_stage(stage, run_dir, workflow, resume, say):
         ran.append(stage.id)
         (run_dir / stage.id).mkdir(parents=True, exist_ok=True)
 
