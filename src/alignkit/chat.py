@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from alignkit.chat_templates import ChatTemplate, check_trained_markers, resolve_template
+from alignkit.chat_templates import ChatTemplate, generation_template
 from alignkit.config import GenerationConfig, Recipe
 from alignkit.data.formats import Message
 from alignkit.generate import generate_reply
@@ -57,8 +57,7 @@ class ChatSession:
 
 def open_session(recipe: Recipe, system: str | None = None) -> ChatSession:
     tokenizer = load_tokenizer(recipe.model)
-    template = resolve_template(recipe.model.chat_template, tokenizer)
-    check_trained_markers(template, recipe.model.name_or_path)
+    template = generation_template(recipe.model.chat_template, tokenizer, recipe.model.name_or_path)
     model = load_model(recipe.model).eval()
     return ChatSession(model, tokenizer, template, recipe.generation, system)
 

@@ -131,14 +131,14 @@ MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>|<[a-z]+(?:_[a-z]+)+>")
 
 def template_markers(source: str, tokenizer: Any) -> list[str]:
     """The marker-shaped strings the template writes around a probe conversation."""
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
-    text = tokenizer.apply_chat_template(probe, chat_template=source, tokenize=False)
-    return list(dict.fromkeys(MARKER.findall(text)))
+    return list(dict.fromkeys(MARKER.findall(probe_text(source, tokenizer))))
 
 
-def check_trained_markers(template: ChatTemplate, model: str) -> None:
-    """For generation and eval: a template whose markers had to be added to the tokenizer
-    asks the model for tokens it was never trained on."""
+def generation_template(spec: str | None, tokenizer: Any, model: str) -> ChatTemplate:
+    """The template for generating with (chat, serve, eval): as `resolve_template`, but
+    one whose markers had to be added to the tokenizer is refused, as it asks `model`
+    for tokens it was never trained on."""
+    template = resolve_template(spec, tokenizer)
     if template.added_tokens:
         raise AlignkitError(
             f"Chat template '{template.name}' writes {', '.join(template.added_tokens)}, which "
@@ -146,6 +146,7 @@ def check_trained_markers(template: ChatTemplate, model: str) -> None:
             "them. Leave --chat-template empty for the model's own template, or train with "
             "this one first (alignkit sft adds and trains those tokens)."
         )
+    return template
 
 
 def _ensure_special_tokens(tokenizer: Any, tokens: list[str]) -> list[str]:
@@ -175,10 +176,15 @@ def render(
 _PROBE_REPLY = "PROBE-REPLY-7f3a"
 
 
+def probe_text(source: str, tokenizer: Any) -> str:
+    """The template's rendering of a one-question conversation with a known reply."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
+    return tokenizer.apply_chat_template(probe, chat_template=source, tokenize=False)
+
+
 def _find_end_of_turn(source: str, tokenizer: Any) -> str:
     """The special token that closes an assistant turn, found by rendering a probe turn."""
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
-    text = tokenizer.apply_chat_template(probe, chat_template=source, tokenize=False)
+    text = probe_text(source, tokenizer)
     after = text[text.index(_PROBE_REPLY) + len(_PROBE_REPLY) :]
     specials = set(tokenizer.all_special_tokens) | set(
         getattr(tokenizer, "added_tokens_encoder", {})

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from families import tiny_model
 from support import make_tiny_llama
 
 from alignkit.chat_templates import resolve_template
@@ -158,21 +159,9 @@ def test_a_row_whose_stream_fails_ends_alone(parts, smol_tokenizer):
 
 
 def test_a_model_whose_cache_cannot_be_joined_decodes_one_at_a_time(parts, smol_tokenizer):
-    from transformers import MistralConfig, MistralForCausalLM
-
     _, template, prompts = parts
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=len(smol_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=8,  # a sliding-window cache: rows cannot be joined to it
-        initializer_range=0.2,
-    )
-    model = MistralForCausalLM(config).eval()
+    # a sliding-window cache: rows cannot be joined to it
+    model = tiny_model("mistral", vocab=len(smol_tokenizer))
     slid = (model, template, prompts)
     b = batcher(slid, smol_tokenizer)
     ids = decode_all(b, [Request(p, 10) for p in prompts[:3]])

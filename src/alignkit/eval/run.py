@@ -116,13 +116,12 @@ def batch_size(spec: str, device: str) -> int | str:
 
 def load_eval_model(spec: str, recipe: Recipe) -> Any:
     """lm-eval's HF wrapper around our loaded model (an adapter is merged in memory)."""
-    from alignkit.chat_templates import check_trained_markers, resolve_template
+    from alignkit.chat_templates import generation_template
 
     model_cfg = replace(recipe.model, name_or_path=spec)
     tokenizer = load_tokenizer(model_cfg)
     if model_cfg.chat_template or getattr(tokenizer, "chat_template", None):
-        template = resolve_template(model_cfg.chat_template, tokenizer)
-        check_trained_markers(template, spec)
+        template = generation_template(model_cfg.chat_template, tokenizer, spec)
         tokenizer.chat_template = template.source
     model = load_model(model_cfg).eval()
     if hasattr(model, "merge_and_unload"):

@@ -23,12 +23,11 @@ API_KEY_ENV = "ALIGNKIT_API_KEY"
 def load_engine(
     recipe: Any, name: str | None = None, max_queue: int = 16, max_batch: int = 8
 ) -> Engine:
-    from alignkit.chat_templates import check_trained_markers, resolve_template
+    from alignkit.chat_templates import generation_template
     from alignkit.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
-    template = resolve_template(recipe.model.chat_template, tokenizer)
-    check_trained_markers(template, recipe.model.name_or_path)
+    template = generation_template(recipe.model.chat_template, tokenizer, recipe.model.name_or_path)
     model = load_model(recipe.model).eval()
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     name = name or recipe.model.name_or_path
