@@ -17,7 +17,7 @@ Left truncation keeps the BOS token and the system turn, then the end of the pro
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -343,29 +343,60 @@ def check_prompt_limit(cfg: DataConfig) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """One example a row makes: its tokenized item, or why it was dropped."""
+
+    first: bool  # the row's first example
+    examples: int  # how many examples the row makes
+    item: TokenizedExample | TokenizedPair | TokenizedFeedback | None = None
+    dropped: str | None = None
+    truncated: bool = False
+    retokenized: bool = False
+
+
+def row_outcomes(
+    example: Example, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
+) -> list[Outcome]:
+    """What tokenizing one row gives: one outcome per example it makes."""
+    attempts = _attempts(example, tokenizer, template, cfg)
+    outcomes = []
+    for n, attempt in enumerate(attempts):
+        head = {"first": n == 0, "examples": len(attempts)}
+        try:
+            done = attempt()
+        except Dropped as why:
+            outcomes.append(Outcome(**head, dropped=str(why)))
+            continue
+        outcomes.append(
+            Outcome(**head, item=done.item, truncated=done.truncated, retokenized=done.retokenized)
+        )
+    return outcomes
+
+
+def tally(report: TokenizeReport, outcomes: Iterable[Outcome]) -> TokenizeReport:
+    """Count the outcomes into `report` (its `rows` set by the caller)."""
+    for outcome in outcomes:
+        if outcome.first and outcome.examples > 1:
+            report.split_rows += 1
+            report.split_examples += outcome.examples
+        if outcome.dropped is not None:
+            report.dropped[outcome.dropped] += 1
+            continue
+        report.kept += 1
+        report.truncated += outcome.truncated
+        report.retokenized_at_boundary += outcome.retokenized
+    return report
+
+
 def tokenize_examples(
     examples: list[Example], tokenizer: Any, template: ChatTemplate, cfg: DataConfig
 ) -> tuple[list[Any], TokenizeReport]:
     """Tokenize a list of canonical examples of one kind, counting every change."""
     check_prompt_limit(cfg)
-    report = TokenizeReport(rows=len(examples))
-    out = []
-    for example in examples:
-        attempts = _attempts(example, tokenizer, template, cfg)
-        if len(attempts) > 1:
-            report.split_rows += 1
-            report.split_examples += len(attempts)
-        for attempt in attempts:
-            try:
-                done = attempt()
-            except Dropped as why:
-                report.dropped[str(why)] += 1
-                continue
-            report.truncated += done.truncated
-            report.retokenized_at_boundary += done.retokenized
-            out.append(done.item)
-    report.kept = len(out)
-    return out, report
+    outcomes = [o for e in examples for o in row_outcomes(e, tokenizer, template, cfg)]
+    report = tally(TokenizeReport(rows=len(examples)), outcomes)
+    return [o.item for o in outcomes if o.item is not None], report
 
 
 def _attempts(
