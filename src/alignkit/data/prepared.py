@@ -46,7 +46,8 @@ from alignkit.data.tokenize import (
 CACHE_SUBDIR = "tokenized"
 MAX_DEFAULT_PROCS = 16
 ROWS_PER_PROC = 500  # fewer rows than this per worker are tokenized in-process
-BATCH_SIZE = 256
+BATCH_SIZE = 256  # examples per map call
+READ_BATCH = 1024  # rows read at once when iterating
 
 EXAMPLE_TYPES: dict[str, type] = {
     "sft": Conversation,
@@ -191,12 +192,24 @@ class TokenizedRows(Sequence):
 
     def __getitem__(self, i: int | slice) -> Any:
         if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        row = self.dataset[int(self.index[i])]
-        return ITEM_TYPES[self.kind](**{name: row[name] for name in STORED[self.kind]})
+            return self._items(self.index[i])
+        return self._items(self.index[[i]])[0]
 
     def __iter__(self) -> Iterator[Any]:
-        return (self[i] for i in range(len(self)))
+        for start in range(0, len(self), READ_BATCH):
+            yield from self._items(self.index[start : start + READ_BATCH])
+
+    def _items(self, rows: np.ndarray) -> list[Any]:
+        """The items of these dataset rows, read in one batch."""
+        if not len(rows):
+            return []
+        names = STORED[self.kind]
+        columns = self.dataset[rows.tolist()]
+        make = ITEM_TYPES[self.kind]
+        return [
+            make(**dict(zip(names, values, strict=True)))
+            for values in zip(*(columns[n] for n in names), strict=True)
+        ]
 
     def subset(self, positions: Sequence[int]) -> TokenizedRows:
         """The rows at these positions, in this order (no copy of the data)."""
