@@ -1,7 +1,7 @@
 """Tokenized data prepared once: `datasets.Dataset.map` into memory-mapped Arrow files, cached.
 
 The canonical examples (read and converted by `sources`, with its row-level errors and
-skip counts) are tokenized by `tokenize.row_outcomes` in a batched `map` with `num_proc`
+skip counts) are tokenized by `tokenize.batch_outcomes` in a batched `map` with `num_proc`
 workers. Its cache files are `$ALIGNKIT_CACHE/tokenized/<key>*.arrow` (`cache_path`),
 where the key digests everything that changes the result: the examples, the tokenizer,
 the chat template, the data settings, and the tokenization code with the versions of
@@ -38,8 +38,8 @@ from alignkit.data.tokenize import (
     TokenizedFeedback,
     TokenizedPair,
     TokenizeReport,
+    batch_outcomes,
     check_prompt_limit,
-    row_outcomes,
     tally,
 )
 
@@ -160,11 +160,8 @@ def outcome_columns(
     texts: list[str], *, kind: str, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
 ) -> dict[str, list[Any]]:
     """The map function: a batch of serialized examples -> one row per example made."""
-    outcomes = [
-        o
-        for text in texts
-        for o in row_outcomes(example_from_json(kind, text), tokenizer, template, cfg)
-    ]
+    examples = [example_from_json(kind, text) for text in texts]
+    outcomes = batch_outcomes(examples, tokenizer, template, cfg)
     columns = {name: [getattr(o, name) for o in outcomes] for name in OUTCOME_FIELDS}
     for name in STORED[kind]:
         columns[name] = [None if o.item is None else getattr(o.item, name) for o in outcomes]
