@@ -121,6 +121,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_length": _at_least(2),
     "data.max_prompt_length": _at_least(1),
     "data.seed": _within(0, 2**32 - 1),
+    "data.num_proc": _at_least(1),
     "train.epochs": _at_least(0),
     "train.max_steps": _at_least(0),
     "train.micro_batch_size": _at_least(1),

@@ -93,6 +93,12 @@ class DataConfig:
     train_on_prompt: bool = opt(False, "Train on every token, not only the assistant turns.")
     strict: bool = opt(False, "Make skipped rows (empty text, chosen == rejected) an error.")
     seed: int = opt(42, "Seed for mixing and shuffling sources.")
+    num_proc: int | None = opt(
+        None,
+        "Processes that tokenize the data (once, on the main process; the others and later "
+        "runs read its cache under $ALIGNKIT_CACHE/tokenized); empty = every CPU core this "
+        "process may use, at most 16.",
+    )
 
 
 @dataclass

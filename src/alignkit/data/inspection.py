@@ -14,6 +14,7 @@ from rich.text import Text
 
 from alignkit.chat_templates import resolve_template
 from alignkit.config import DataSource, Recipe
+from alignkit.data.prepared import prepare_examples
 from alignkit.data.sources import SourceReport, load_source
 from alignkit.data.tokenize import (
     IDENTICAL_AFTER_TRUNCATION,
@@ -21,7 +22,6 @@ from alignkit.data.tokenize import (
     TokenizedFeedback,
     TokenizedPair,
     TokenizeReport,
-    tokenize_examples,
 )
 from alignkit.models import load_tokenizer
 
@@ -66,8 +66,8 @@ def inspect_source(recipe: Recipe, source: DataSource) -> InspectReport:
     unlimited = dataclasses.replace(
         recipe.data, max_length=1 << 30, max_prompt_length=(1 << 30) - 1
     )
-    full, _ = tokenize_examples(examples, tokenizer, template, unlimited)
-    _, limited = tokenize_examples(examples, tokenizer, template, recipe.data)
+    full, _ = prepare_examples(examples, tokenizer, template, unlimited)
+    _, limited = prepare_examples(examples, tokenizer, template, recipe.data)
     sizes = [_lengths(item) for item in full]
     return InspectReport(
         source=source_report,
@@ -75,7 +75,7 @@ def inspect_source(recipe: Recipe, source: DataSource) -> InspectReport:
         prompt_lengths=_percentiles([prompt for prompt, _ in sizes]),
         at_max_length=limited,
         max_length=recipe.data.max_length,
-        example=(full[0], tokenizer) if full else None,
+        example=(full[0], tokenizer) if len(full) else None,
     )
 
 

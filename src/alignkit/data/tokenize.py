@@ -17,10 +17,12 @@ Left truncation keeps the BOS token and the system turn, then the end of the pro
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
+
+import numpy as np
 
 from alignkit.chat_templates import (
     ChatTemplate,
@@ -40,6 +42,7 @@ END_OF_TURN_INSIDE = "end-of-turn marker inside the text"
 NO_ASSISTANT_TOKENS = "no assistant tokens within max_length"
 IDENTICAL_AFTER_RENDERING = "chosen and rejected render identically"
 IDENTICAL_AFTER_TRUNCATION = "identical after truncation"
+BATCH = 256  # rows whose texts are encoded in one tokenizer call
 
 
 @dataclass
@@ -169,14 +172,33 @@ def prompt_limit(cfg: DataConfig) -> int:
     return cfg.max_length // 2 if cfg.max_prompt_length is None else cfg.max_prompt_length
 
 
-def encode_with_spans(
-    text: str, spans: list[tuple[int, int]], tokenizer: Any
-) -> tuple[list[int], list[bool], list[tuple[int, int]]]:
-    """Token ids, whether each token overlaps a span, and each token's character offsets."""
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = [tuple(o) for o in encoded["offset_mapping"]]
-    mask = [any(s < end and e > start for start, end in spans) for s, e in offsets]
-    return list(encoded["input_ids"]), mask, offsets
+@dataclass(frozen=True)
+class Encoded:
+    """A text's token ids and each token's [start, end) characters."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+    def mask(self, spans: list[tuple[int, int]]) -> list[bool]:
+        """Whether each token overlaps one of the character spans."""
+        if not self.ids:
+            return []
+        starts, ends = np.asarray(self.offsets).T
+        overlap = np.zeros(len(self.ids), dtype=bool)
+        for start, end in spans:
+            overlap |= (starts < end) & (ends > start)
+        return overlap.tolist()
+
+
+def encode_texts(texts: list[str], tokenizer: Any) -> list[Encoded]:
+    """The texts tokenized whole, in one call (no special tokens added)."""
+    if not texts:
+        return []
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        Encoded(list(ids), [tuple(o) for o in offsets])
+        for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+    ]
 
 
 def head_tokens(
@@ -198,15 +220,16 @@ def tokenize_rendering(
     tokenizer: Any,
     template: ChatTemplate,
     cfg: DataConfig,
+    encodings: list[Encoded],
 ) -> Tokenized:
-    """Token ids and loss mask for one rendering of an SFT conversation.
+    """Token ids and loss mask for one rendering of an SFT conversation (`encodings`: its text's).
 
     The last trained turn is the completion truncation keeps from its start; everything
     before it is the prompt. Raises `Dropped` to drop the example.
     """
-    ids, mask, offsets = encode_with_spans(rendering.text, rendering.spans, tokenizer)
-    if cfg.train_on_prompt:
-        mask = [True] * len(ids)
+    (encoded,) = encodings
+    ids, offsets = encoded.ids, encoded.offsets
+    mask = [True] * len(ids) if cfg.train_on_prompt else encoded.mask(rendering.spans)
     last = next(i for i, (_, end) in enumerate(offsets) if end > rendering.spans[-1][0])
     plan = plan_truncation(last, len(ids) - last, cfg.max_length, prompt_limit(cfg), cfg.truncation)
     if plan is None:
@@ -240,19 +263,20 @@ class Completion:
 
 
 def encode_completion(
-    branch: Rendering, prompt_text: str, prompt_ids: list[int], tokenizer: Any
+    branch: Rendering, encoded: Encoded, prompt_text: str, prompt_ids: list[int], tokenizer: Any
 ) -> tuple[Completion, bool]:
-    """The branch's ids after `prompt_ids`, its assistant turns scored.
+    """The branch's ids after `prompt_ids` (`encoded`: the branch's text), its assistant
+    turns scored.
 
     Returns the completion and whether the joint tokenization had to be split at the boundary.
     """
-    ids, mask, _ = encode_with_spans(branch.text, branch.spans, tokenizer)
+    ids, mask = encoded.ids, encoded.mask(branch.spans)
     if ids[: len(prompt_ids)] == prompt_ids:
         return Completion(ids[len(prompt_ids) :], mask[len(prompt_ids) :]), False
     shift = len(prompt_text)
     spans = [(start - shift, end - shift) for start, end in branch.spans]
-    ids, mask, _ = encode_with_spans(branch.text[shift:], spans, tokenizer)
-    return Completion(ids, mask), True
+    (alone,) = encode_texts([branch.text[shift:]], tokenizer)
+    return Completion(alone.ids, alone.mask(spans)), True
 
 
 def check_completion(completion: Completion, eot_id: int, turns: int) -> None:
@@ -272,20 +296,43 @@ class Prompted:
     retokenized: bool
 
 
-def tokenize_prompted(
-    prompt: list[Message],
-    completions: list[list[Message]],
+@dataclass(frozen=True)
+class Branches:
+    """A prompt's rendered completions and the prompt text they all continue."""
+
+    prompt: list[Message]
+    renderings: list[Rendering]
+    prompt_text: str
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.prompt_text, *(b.text for b in self.renderings)]
+
+
+def render_branches(
+    prompt: list[Message], completions: list[list[Message]], tokenizer: Any, template: ChatTemplate
+) -> Branches:
+    renderings = [completion_rendering(prompt, c, template, tokenizer) for c in completions]
+    return Branches(prompt, renderings, shared_prompt(prompt, renderings, template, tokenizer))
+
+
+def fit_prompted(
+    branches: Branches,
+    encodings: list[Encoded],
     tokenizer: Any,
     template: ChatTemplate,
     cfg: DataConfig,
 ) -> Prompted:
-    """Shared prompt ids and one scored completion per branch, truncated together."""
-    branches = [completion_rendering(prompt, c, template, tokenizer) for c in completions]
-    prompt_text = shared_prompt(prompt, branches, template, tokenizer)
-    prompt_ids, _, offsets = encode_with_spans(prompt_text, [], tokenizer)
-    encoded = [encode_completion(b, prompt_text, prompt_ids, tokenizer) for b in branches]
+    """Shared prompt ids and one scored completion per branch, truncated together
+    (`encodings`: of `branches.texts`)."""
+    prompt_enc, *branch_encs = encodings
+    prompt_ids, offsets, prompt_text = prompt_enc.ids, prompt_enc.offsets, branches.prompt_text
+    encoded = [
+        encode_completion(b, e, prompt_text, prompt_ids, tokenizer)
+        for b, e in zip(branches.renderings, branch_encs, strict=True)
+    ]
     eot_id = tokenizer.convert_tokens_to_ids(template.end_of_turn)
-    for (completion, _), branch in zip(encoded, branches, strict=True):
+    for (completion, _), branch in zip(encoded, branches.renderings, strict=True):
         check_completion(completion, eot_id, len(branch.spans))
     longest = max(len(c.ids) for c, _ in encoded)
     plan = plan_truncation(
@@ -296,7 +343,7 @@ def tokenize_prompted(
     keep_prompt, keep_completion = plan
     truncated = (keep_prompt, keep_completion) != (len(prompt_ids), longest)
     if keep_prompt < len(prompt_ids):
-        head = head_tokens(prompt, prompt_text, offsets, template, tokenizer)
+        head = head_tokens(branches.prompt, prompt_text, offsets, template, tokenizer)
         prompt_ids = cut_prompt(prompt_ids, keep_prompt, head)
     fitted = [c.cut(keep_completion) for c, _ in encoded]
     if not all(any(c.mask) for c in fitted):
@@ -304,12 +351,9 @@ def tokenize_prompted(
     return Prompted(prompt_ids, fitted, truncated, any(split for _, split in encoded))
 
 
-def tokenize_pair(
-    pair: PreferencePair, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
-) -> Tokenized:
+def pair_item(fitted: Prompted) -> Tokenized:
     """The pair's prompt and completions; a pair whose branches end up token-identical
     is dropped."""
-    fitted = tokenize_prompted(pair.prompt, [pair.chosen, pair.rejected], tokenizer, template, cfg)
     chosen, rejected = fitted.completions
     if chosen == rejected:
         raise Dropped(IDENTICAL_AFTER_TRUNCATION if fitted.truncated else IDENTICAL_AFTER_RENDERING)
@@ -323,15 +367,60 @@ def tokenize_pair(
     return Tokenized(item, fitted.truncated, fitted.retokenized)
 
 
-def tokenize_feedback(
-    item: Feedback, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
-) -> Tokenized:
-    fitted = tokenize_prompted(item.prompt, [item.completion], tokenizer, template, cfg)
+def feedback_item(fitted: Prompted, label: bool) -> Tokenized:
     (completion,) = fitted.completions
     tokenized = TokenizedFeedback(
-        fitted.prompt_ids, completion.ids, item.label, completion.stored_mask()
+        fitted.prompt_ids, completion.ids, label, completion.stored_mask()
     )
     return Tokenized(tokenized, fitted.truncated, fitted.retokenized)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One example rendered: the texts it needs encoded, and what makes it from their
+    encodings (raises `Dropped` to drop it). Rows are rendered first, then all their texts
+    are encoded in one tokenizer call."""
+
+    texts: list[str]
+    finish: Callable[[list[Encoded]], Tokenized]
+
+    def run(self, tokenizer: Any) -> Tokenized:
+        return self.finish(encode_texts(self.texts, tokenizer))
+
+
+def _finish_prompted(
+    make: Callable[[Prompted], Tokenized],
+    branches: Branches,
+    tokenizer: Any,
+    template: ChatTemplate,
+    cfg: DataConfig,
+    encodings: list[Encoded],
+) -> Tokenized:
+    return make(fit_prompted(branches, encodings, tokenizer, template, cfg))
+
+
+def prompted_draft(
+    prompt: list[Message],
+    completions: list[list[Message]],
+    make: Callable[[Prompted], Tokenized],
+    tokenizer: Any,
+    template: ChatTemplate,
+    cfg: DataConfig,
+) -> Draft:
+    branches = render_branches(prompt, completions, tokenizer, template)
+    return Draft(
+        branches.texts, partial(_finish_prompted, make, branches, tokenizer, template, cfg)
+    )
+
+
+def tokenize_pair(
+    pair: PreferencePair, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
+) -> Tokenized:
+    """One preference pair tokenized on its own."""
+    completions = [pair.chosen, pair.rejected]
+    return prompted_draft(pair.prompt, completions, pair_item, tokenizer, template, cfg).run(
+        tokenizer
+    )
 
 
 def check_prompt_limit(cfg: DataConfig) -> None:
@@ -343,41 +432,84 @@ def check_prompt_limit(cfg: DataConfig) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """One example a row makes: its tokenized item, or why it was dropped."""
+
+    first: bool  # the row's first example
+    examples: int  # how many examples the row makes
+    item: TokenizedExample | TokenizedPair | TokenizedFeedback | None = None
+    dropped: str | None = None
+    truncated: bool = False
+    retokenized: bool = False
+
+
+def batch_outcomes(
+    examples: list[Example], tokenizer: Any, template: ChatTemplate, cfg: DataConfig
+) -> list[Outcome]:
+    """What tokenizing the rows gives: one outcome per example each row makes, in order."""
+    drafts = [_drafts(example, tokenizer, template, cfg) for example in examples]
+    encodings = iter(encode_texts([t for row in drafts for d in row for t in d.texts], tokenizer))
+    outcomes = []
+    for row in drafts:
+        for n, draft in enumerate(row):
+            head = {"first": n == 0, "examples": len(row)}
+            try:
+                done = draft.finish([next(encodings) for _ in draft.texts])
+            except Dropped as why:
+                outcomes.append(Outcome(**head, dropped=str(why)))
+                continue
+            outcomes.append(
+                Outcome(
+                    **head, item=done.item, truncated=done.truncated, retokenized=done.retokenized
+                )
+            )
+    return outcomes
+
+
+def tally(report: TokenizeReport, outcomes: Iterable[Outcome]) -> TokenizeReport:
+    """Count the outcomes into `report` (its `rows` set by the caller)."""
+    for outcome in outcomes:
+        if outcome.first and outcome.examples > 1:
+            report.split_rows += 1
+            report.split_examples += outcome.examples
+        if outcome.dropped is not None:
+            report.dropped[outcome.dropped] += 1
+            continue
+        report.kept += 1
+        report.truncated += outcome.truncated
+        report.retokenized_at_boundary += outcome.retokenized
+    return report
+
+
 def tokenize_examples(
     examples: list[Example], tokenizer: Any, template: ChatTemplate, cfg: DataConfig
 ) -> tuple[list[Any], TokenizeReport]:
     """Tokenize a list of canonical examples of one kind, counting every change."""
     check_prompt_limit(cfg)
-    report = TokenizeReport(rows=len(examples))
-    out = []
-    for example in examples:
-        attempts = _attempts(example, tokenizer, template, cfg)
-        if len(attempts) > 1:
-            report.split_rows += 1
-            report.split_examples += len(attempts)
-        for attempt in attempts:
-            try:
-                done = attempt()
-            except Dropped as why:
-                report.dropped[str(why)] += 1
-                continue
-            report.truncated += done.truncated
-            report.retokenized_at_boundary += done.retokenized
-            out.append(done.item)
-    report.kept = len(out)
-    return out, report
+    outcomes = [
+        o
+        for start in range(0, len(examples), BATCH)
+        for o in batch_outcomes(examples[start : start + BATCH], tokenizer, template, cfg)
+    ]
+    report = tally(TokenizeReport(rows=len(examples)), outcomes)
+    return [o.item for o in outcomes if o.item is not None], report
 
 
-def _attempts(
+def _drafts(
     example: Example, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
-) -> list[Callable[[], Tokenized]]:
-    """One tokenization per example the row makes (a conversation: one per rendering)."""
+) -> list[Draft]:
+    """One draft per example the row makes (a conversation: one per rendering)."""
     if isinstance(example, PreferencePair):
-        return [partial(tokenize_pair, example, tokenizer, template, cfg)]
+        completions = [example.chosen, example.rejected]
+        return [prompted_draft(example.prompt, completions, pair_item, tokenizer, template, cfg)]
     if isinstance(example, Feedback):
-        return [partial(tokenize_feedback, example, tokenizer, template, cfg)]
+        make = partial(feedback_item, label=example.label)
+        return [
+            prompted_draft(example.prompt, [example.completion], make, tokenizer, template, cfg)
+        ]
     renderings = assistant_renderings(example.messages, template, tokenizer)
     return [
-        partial(tokenize_rendering, r, example.messages, tokenizer, template, cfg)
+        Draft([r.text], partial(tokenize_rendering, r, example.messages, tokenizer, template, cfg))
         for r in renderings
     ]

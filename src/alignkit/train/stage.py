@@ -12,7 +12,7 @@ import os
 import platform
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,8 @@ from alignkit import rundir
 from alignkit.chat_templates import ChatTemplate, resolve_template
 from alignkit.config import Recipe, TrainConfig, save_recipe
 from alignkit.console import Log, note, say, terminal
+from alignkit.data.prepared import TokenizedRows, prepare_examples
 from alignkit.data.sources import SourceReport, load_mixture
-from alignkit.data.tokenize import tokenize_examples
 from alignkit.errors import AlignkitError
 from alignkit.models import NewTokens, load_model, load_tokenizer, local_paths, resolve_device
 from alignkit.plots import plot_curves
@@ -93,14 +93,16 @@ def make_accelerator(cfg: TrainConfig, device: torch.device) -> Any:
     return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
 
 
-def split_eval(rows: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+def split_eval(
+    rows: TokenizedRows, fraction: float, seed: int
+) -> tuple[TokenizedRows, TokenizedRows]:
     if fraction <= 0:
-        return rows, []
+        return rows, rows.subset([])
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(rows) * fraction))
     held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+    return rows.subset([i for i in range(len(rows)) if i not in held]), rows.subset(sorted(held))
 
 
 def make_optimizer(model: Any, cfg: TrainConfig, steps: int) -> tuple[Any, Any]:
@@ -120,8 +122,8 @@ class StageData:
     tokenizer: Any
     template: ChatTemplate
     kind: str
-    train_rows: list[Any]
-    eval_rows: list[Any]
+    train_rows: Sequence[Any]  # TokenizedRows until a stage adds to the items
+    eval_rows: Sequence[Any]
     summary: str = ""  # what tokenization did, in a line
     notes: list[str] = field(default_factory=list)  # each source's rows, for the log
 
@@ -146,13 +148,13 @@ def load_stage_data(recipe: Recipe, kinds: tuple[str, ...]) -> StageData:
             f"This stage trains on {' or '.join(kinds)} data; {reports[0].path} holds {kind} "
             "data. Check data.sources (alignkit data inspect shows what a file holds)."
         )
-    tokenized, report = tokenize_examples(examples, tokenizer, template, recipe.data)
+    tokenized, report = prepare_examples(examples, tokenizer, template, recipe.data)
     notes = source_notes(reports, "data")
     if recipe.data.eval_sources:  # separate eval data replaces the held-out fraction
         held_out, eval_reports = load_mixture(
             recipe.data.eval_sources, recipe.data.strict, recipe.data.seed
         )
-        eval_rows, eval_report = tokenize_examples(held_out, tokenizer, template, recipe.data)
+        eval_rows, eval_report = prepare_examples(held_out, tokenizer, template, recipe.data)
         notes += source_notes(eval_reports, "eval data") + [f"eval data: {eval_report.summary()}"]
         train_rows = tokenized
     else:
@@ -244,7 +246,8 @@ def prepare_stage(
     plan = plan_output_dir(recipe, command)
     accelerator.wait_for_everyone()  # every rank has checked the dir before rank 0 writes to it
     torch.manual_seed(recipe.train.seed)
-    data = load_stage_data(recipe, kinds)
+    with accelerator.local_main_process_first():  # it tokenizes; the others read its cache
+        data = load_stage_data(recipe, kinds)
     run = StageRun(
         command=command,
         recipe=recipe,

@@ -1,0 +1,271 @@
+"""Tokenized data prepared once: `datasets.Dataset.map` into memory-mapped Arrow files, cached.
+
+The canonical examples (read and converted by `sources`, with its row-level errors and
+skip counts) are tokenized by `tokenize.batch_outcomes` in a batched `map` with `num_proc`
+workers. Its cache files are `$ALIGNKIT_CACHE/tokenized/<key>*.arrow` (`cache_path`),
+where the key digests everything that changes the result: the examples, the tokenizer,
+the chat template, the data settings, and the tokenization code with the versions of
+the libraries it renders and encodes with (`tokenization_key`). A later run with the same
+key, or another process of the same run, memory-maps those files instead of tokenizing.
+
+A dropped example stays in the files as a row with its reason, so the report (kept,
+split, truncated, dropped counts) is counted from the files exactly as from a fresh run;
+`TokenizedRows` serves the kept rows by index as the items `tokenize` makes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alignkit import chat_templates, models
+from alignkit.chat_templates import ChatTemplate
+from alignkit.config import DataConfig
+from alignkit.data import formats, tokenize
+from alignkit.data.formats import Conversation, Example, Feedback, PreferencePair
+from alignkit.data.tokenize import (
+    Outcome,
+    TokenizedExample,
+    TokenizedFeedback,
+    TokenizedPair,
+    TokenizeReport,
+    batch_outcomes,
+    check_prompt_limit,
+    tally,
+)
+
+CACHE_SUBDIR = "tokenized"
+MAX_DEFAULT_PROCS = 16
+ROWS_PER_PROC = 500  # fewer rows than this per worker are tokenized in-process
+BATCH_SIZE = 256  # examples per map call
+READ_BATCH = 1024  # rows read at once when iterating
+
+EXAMPLE_TYPES: dict[str, type] = {
+    "sft": Conversation,
+    "pair": PreferencePair,
+    "feedback": Feedback,
+}
+ITEM_TYPES: dict[str, type] = {
+    "sft": TokenizedExample,
+    "pair": TokenizedPair,
+    "feedback": TokenizedFeedback,
+}
+# the item fields stored per kind; the rest (reference log-probs, KL completions) are set
+# after tokenization, so are None here
+STORED = {
+    "sft": ("input_ids", "labels_mask"),
+    "pair": ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_mask", "rejected_mask"),
+    "feedback": ("prompt_ids", "completion_ids", "label", "completion_mask"),
+}
+OUTCOME_FIELDS = ("first", "examples", "dropped", "truncated", "retokenized")
+# what the key covers besides the data: this code and what renders and encodes text
+CODE_MODULES = (tokenize, chat_templates, formats)
+LIBRARIES = ("alignkit", "transformers", "tokenizers", "jinja2", "datasets")
+
+
+def cache_path(key: str) -> Path:
+    """The cache file of one tokenization (with `_<rank>_of_<n>` before `.arrow` for each
+    worker's shard when it ran in several)."""
+    return models.cache_dir() / CACHE_SUBDIR / f"{key}.arrow"
+
+
+def default_num_proc() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, MAX_DEFAULT_PROCS))
+
+
+def kind_of(example: Example) -> str:
+    return next(kind for kind, cls in EXAMPLE_TYPES.items() if isinstance(example, cls))
+
+
+def example_json(example: Example) -> str:
+    return json.dumps(dataclasses.asdict(example), ensure_ascii=False)
+
+
+def example_from_json(kind: str, text: str) -> Example:
+    return EXAMPLE_TYPES[kind](**json.loads(text))
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """The tokenizer's vocabulary, rules and special tokens (a fast tokenizer's whole
+    serialized state; anything else as `datasets` hashes it)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        from datasets.fingerprint import Hasher
+
+        return Hasher.hash(tokenizer)
+    parts = [
+        type(tokenizer).__name__,
+        backend.to_str(),
+        json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+        str(getattr(tokenizer, "split_special_tokens", None)),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def code_digest() -> str:
+    """The tokenization code's source and the versions of the libraries it calls."""
+    digest = hashlib.sha256()
+    for module in CODE_MODULES:
+        digest.update(Path(module.__file__).read_bytes())
+    for name in LIBRARIES:
+        digest.update(f"{name} {metadata.version(name)}".encode())
+    return digest.hexdigest()
+
+
+def tokenization_key(
+    examples_digest: str, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
+) -> str:
+    """The cache key: the examples, tokenizer, template, data settings and code."""
+    settings = dataclasses.asdict(cfg)
+    settings.pop("num_proc")  # how many workers tokenize never changes the result
+    parts = {
+        "examples": examples_digest,
+        "tokenizer": tokenizer_digest(tokenizer),
+        "template": dataclasses.asdict(template),
+        "data": settings,
+        "code": code_digest(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def features(kind: str) -> Any:
+    from datasets import Features, List, Value
+
+    ids, mask = List(Value("int32")), List(Value("bool"))
+    item = {
+        name: Value("bool") if name == "label" else mask if name.endswith("mask") else ids
+        for name in STORED[kind]
+    }
+    outcome = {
+        "first": Value("bool"),
+        "examples": Value("int32"),
+        "dropped": Value("string"),
+        "truncated": Value("bool"),
+        "retokenized": Value("bool"),
+    }
+    return Features({**outcome, **item})
+
+
+def outcome_columns(
+    texts: list[str], *, kind: str, tokenizer: Any, template: ChatTemplate, cfg: DataConfig
+) -> dict[str, list[Any]]:
+    """The map function: a batch of serialized examples -> one row per example made."""
+    examples = [example_from_json(kind, text) for text in texts]
+    outcomes = batch_outcomes(examples, tokenizer, template, cfg)
+    columns = {name: [getattr(o, name) for o in outcomes] for name in OUTCOME_FIELDS}
+    for name in STORED[kind]:
+        columns[name] = [None if o.item is None else getattr(o.item, name) for o in outcomes]
+    return columns
+
+
+def report_of(table: Any, rows: int) -> TokenizeReport:
+    """The report counted from the stored outcomes."""
+    columns = [table.column(name).to_pylist() for name in OUTCOME_FIELDS]
+    outcomes = (
+        Outcome(**dict(zip(OUTCOME_FIELDS, values, strict=True)))
+        for values in zip(*columns, strict=True)
+    )
+    return tally(TokenizeReport(rows=rows), outcomes)
+
+
+class TokenizedRows(Sequence):
+    """The kept tokenized items, read from memory-mapped Arrow by index (a slice gives a list)."""
+
+    def __init__(self, dataset: Any, kind: str, index: np.ndarray):
+        self.dataset, self.kind, self.index = dataset, kind, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return self._items(self.index[i])
+        return self._items(self.index[[i]])[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        for start in range(0, len(self), READ_BATCH):
+            yield from self._items(self.index[start : start + READ_BATCH])
+
+    def _items(self, rows: np.ndarray) -> list[Any]:
+        """The items of these dataset rows, read in one batch."""
+        if not len(rows):
+            return []
+        names = STORED[self.kind]
+        columns = self.dataset[rows.tolist()]
+        make = ITEM_TYPES[self.kind]
+        return [
+            make(**dict(zip(names, values, strict=True)))
+            for values in zip(*(columns[n] for n in names), strict=True)
+        ]
+
+    def subset(self, positions: Sequence[int]) -> TokenizedRows:
+        """The rows at these positions, in this order (no copy of the data)."""
+        return TokenizedRows(self.dataset, self.kind, self.index[np.asarray(positions, dtype=int)])
+
+
+@contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No `datasets` progress bars (alignkit reports what tokenization did in one line)."""
+    from datasets.utils import logging as ds_logging
+
+    was_on = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            ds_logging.enable_progress_bar()
+
+
+def prepare_examples(
+    examples: list[Example], tokenizer: Any, template: ChatTemplate, cfg: DataConfig
+) -> tuple[TokenizedRows, TokenizeReport]:
+    """Tokenized rows and the report, from the cache when this tokenization ran before.
+
+    Tokenizes in `cfg.num_proc` worker processes (default: `default_num_proc`); under
+    several training processes call it on the main one first (the others then read its
+    files).
+    """
+    from datasets import Dataset
+
+    check_prompt_limit(cfg)
+    if not examples:
+        empty = Dataset.from_dict({name: [] for name in features("sft")}, features("sft"))
+        return TokenizedRows(empty, "sft", np.arange(0)), TokenizeReport()
+    kind = kind_of(examples[0])
+    texts = [example_json(e) for e in examples]
+    key = tokenization_key(
+        hashlib.sha256("\n".join(texts).encode()).hexdigest(), tokenizer, template, cfg
+    )
+    path = cache_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    procs = min(cfg.num_proc or default_num_proc(), len(texts) // ROWS_PER_PROC)
+    source = Dataset.from_dict({"example": texts})
+    del texts
+    with quiet_datasets():
+        tokenized = source.map(
+            outcome_columns,
+            input_columns="example",
+            batched=True,
+            batch_size=BATCH_SIZE,
+            num_proc=procs if procs > 1 else None,
+            remove_columns=["example"],
+            features=features(kind),
+            fn_kwargs={"kind": kind, "tokenizer": tokenizer, "template": template, "cfg": cfg},
+            cache_file_name=str(path),
+            new_fingerprint=key,
+            load_from_cache_file=True,
+        )
+    report = report_of(tokenized.data, len(examples))
+    kept = np.asarray(tokenized.data.column("dropped").is_null())
+    return TokenizedRows(tokenized, kind, np.flatnonzero(kept)), report
