@@ -90,7 +90,13 @@ def make_accelerator(cfg: TrainConfig, device: torch.device) -> Any:
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
     if device.type != "cuda" and precision != "no":
         raise AlignkitError(f"train.mixed_precision={precision} needs a GPU; use no (fp32) on CPU.")
-    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    # the schedule is built for optimizer steps and stepped once per step by the loop
+    return Accelerator(
+        mixed_precision=precision,
+        cpu=device.type == "cpu",
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,
+    )
 
 
 def split_eval(rows: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -297,7 +303,14 @@ def prepare_optimizer(run: StageRun, n_rows: int) -> tuple[Any, Any]:
     optimizer, scheduler = make_optimizer(
         run.model, cfg, total_steps(n_rows, cfg, acc.num_processes)
     )
-    run.model, optimizer = acc.prepare(run.model, optimizer)
+    deepspeed = getattr(acc.state, "deepspeed_plugin", None)
+    if deepspeed is not None:  # no dataloader is prepared: DeepSpeed reads the sizes here
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+        deepspeed.deepspeed_config["train_batch_size"] = (
+            cfg.micro_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
+        )
+    # prepared together, so save_state / load_state hold all three (sharded where they are)
+    run.model, optimizer, scheduler = acc.prepare(run.model, optimizer, scheduler)
     return optimizer, scheduler
 
 
