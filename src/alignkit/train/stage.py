@@ -386,9 +386,17 @@ def run_info(run: StageRun, state: TrainState) -> dict[str, Any]:
     }
 
 
+def without_tied_copies(model: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict gathered from shards (FSDP, ZeRO-3) holds a tied weight twice, as two
+    tensors: keep its source only, as `save_pretrained` does for one process's model."""
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+    return {k: v for k, v in state_dict.items() if not (k in ties and ties[k] in state_dict)}
+
+
 def save_outputs(run: StageRun, state_dict: dict[str, Any], directory: Path) -> None:
     """Final weights (adapter or full safetensors), tokenizer with the template used, config."""
     model = run.accelerator.unwrap_model(run.model)
+    state_dict = without_tied_copies(model, state_dict)
     model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     run.data.tokenizer.chat_template = run.data.template.source
     run.data.tokenizer.save_pretrained(directory)
