@@ -3,8 +3,8 @@ global batch, resume exactly, update once per logged step, and write from one pr
 
 Each launch trains a 12-row set with 2 rows per process and 2 micro-batches per step,
 so the third micro-batch of an epoch makes a short step of its own (the epoch's tail);
-3 steps cross into the second epoch. The single-process run it is compared with trains
-4 rows per micro-batch: the same rows in every micro-batch.
+3 steps cross into the second epoch. The single-process run it is compared with
+accumulates 4 micro-batches of 2 rows: the same 8, 4 and 8 rows in its 3 steps.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
 STEPS = 3
 ROWS = {
-    "sft": [{"instruction": f"task {i}", "output": f"answer {i} " * (1 + i % 3)} for i in range(12)],
+    "sft": [
+        {"instruction": f"task {i}", "output": f"answer {i} " * (1 + i % 3)} for i in range(12)
+    ],
     "pref": [
         {"prompt": f"task {i}", "chosen": f"good {i}", "rejected": f"bad answer {i} " * (1 + i % 2)}
         for i in range(12)
@@ -94,7 +96,12 @@ def launch(tmp_path: Path, stage: str, backend: str, mode: str, settings: list[s
 
 
 def one_process(tmp_path: Path, stage: str, settings: list[str]) -> Path:
-    cfg = [*settings, f"train.output_dir={tmp_path / 'one'}", "train.micro_batch_size=4"]
+    cfg = [
+        *settings,
+        f"train.output_dir={tmp_path / 'one'}",
+        "train.micro_batch_size=2",
+        "train.gradient_accumulation_steps=4",
+    ]
     return TRAIN[stage](load_recipe(None, parse_overrides(cfg)))
 
 
