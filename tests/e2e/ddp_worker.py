@@ -1,23 +1,24 @@
 """Run by tests/e2e/test_ddp.py under `accelerate launch --num_processes 2` (CPU, gloo).
 
-Usage: ddp_worker.py STAGE REPORT_DIR BACKEND MODE OVERRIDES...
-  STAGE    sft or pref
+Usage: ddp_worker.py REPORT_DIR BACKEND
   BACKEND  ddp, or fsdp2: Accelerate's FSDP2 preparation, checkpointing and gathering.
            Accelerate 1.15 switches to FSDP only on an accelerator device (its
            AcceleratorState leaves MULTI_CPU out), so this worker sets the distributed
            type to FSDP itself; everything after that is Accelerate's and torch's own
            FSDP2 code (fully_shard, DTensor, torch.distributed.checkpoint) over gloo.
-  MODE     once: train into OUT/full;
-           resume: also train into OUT/cut, killed after its first checkpoint, then
-           resumed from it in the same processes.
 
-Each rank writes rank<i>.json: the rows it trained on, its optimizer updates, the
+REPORT_DIR/jobs.json lists the jobs: {name, stage (sft or pref), cache, overrides}. Each
+job trains into OUT/full; then into OUT/cut, killed after its first checkpoint; then
+resumes OUT/cut from it in the same processes (OUT: the job's train.output_dir).
+
+Each rank writes <job>-rank<i>.json: the rows it trained on, its optimizer updates, the
 gradient-sync flag of every backward, and what it wrote (final outputs, metrics lines).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -32,9 +33,7 @@ import alignkit.train.stage as stage
 from alignkit.config import load_recipe, parse_overrides
 
 TRAIN = {"sft": sft.train_sft, "pref": pref.train_pref}
-train = TRAIN[sys.argv[1]]
-report = Path(sys.argv[2])
-backend, mode = sys.argv[3], sys.argv[4]
+report, backend = Path(sys.argv[1]), sys.argv[2]
 
 record: dict[str, list] = {
     "rows": [],
@@ -130,30 +129,37 @@ Accelerator.backward = recording_backward
 if backend == "fsdp2":
     stage.make_accelerator = fsdp2_accelerator
 
-recipe = load_recipe(None, parse_overrides(sys.argv[5:]))
-out = Path(recipe.train.output_dir)
 
-
-def run(directory: str, resume: str = "no") -> None:
+def run(recipe, directory: str, resume: str = "no") -> None:
     record["optimizer_steps"].append(0)
     record["backward_syncs"].append([])
-    train(replace(recipe, train=replace(recipe.train, output_dir=directory, resume=resume)))
+    cfg = replace(recipe.train, output_dir=directory, resume=resume)
+    train(replace(recipe, train=cfg))
 
 
-run(str(out / "full"))
-if mode == "resume":
+from accelerate import PartialState  # noqa: E402
+
+for job in json.loads((report / "jobs.json").read_text()):
+    for value in record.values():
+        value.clear()
+    os.environ["ALIGNKIT_CACHE"] = job["cache"]
+    train = TRAIN[job["stage"]]
+    recipe = load_recipe(None, parse_overrides(job["overrides"]))
+    out = Path(recipe.train.output_dir)
+    run(recipe, str(out / "full"))
     loop.save_checkpoint = killed_after_first_save
     try:
-        run(str(out / "cut"))
+        run(recipe, str(out / "cut"))
         raise AssertionError("the run was not killed")
     except Killed:
         pass
     loop.save_checkpoint = save_checkpoint
-    run(str(out / "cut"), resume="auto")
+    run(recipe, str(out / "cut"), resume="auto")
 
-from accelerate import PartialState  # noqa: E402
-
-state = PartialState()
-record["world"] = state.num_processes
-record["distributed_type"] = str(Accelerator().distributed_type)
-(report / f"rank{state.process_index}.json").write_text(json.dumps(record))
+    state = PartialState()
+    done = {
+        **record,
+        "world": state.num_processes,
+        "distributed_type": str(Accelerator().distributed_type),
+    }
+    (report / f"{job['name']}-rank{state.process_index}.json").write_text(json.dumps(done))

@@ -40,10 +40,32 @@ ROWS = {
 }
 TRAIN = {"sft": train_sft, "pref": train_pref}
 WEIGHTS = {"lora": "adapter_model.safetensors", "none": "model.safetensors"}
+CASES = {  # stage, adapter, backend, extra settings
+    "sft-full-ddp": ("sft", "none", "ddp", []),
+    "sft-lora-fsdp2": ("sft", "lora", "fsdp2", ["data.eval_sources={eval3}"]),  # uneven eval
+    "pref-lora-ddp": (
+        "pref",
+        "lora",
+        "ddp",
+        ["pref.precompute_ref=true", "data.eval_sources={eval1}"],
+    ),
+    "pref-full-fsdp2": (
+        "pref",
+        "none",
+        "fsdp2",
+        ["data.eval_sources={eval1}", "train.eval_on_start=true"],  # rank 1: no eval row
+    ),
+}
 
 
-def overrides(tmp_path: Path, model_dir: Path, stage: str, adapter: str, extra: list[str]):
-    data = write_jsonl(tmp_path / "d.jsonl", ROWS[stage])
+def overrides(directory: Path, model_dir: Path, case: str) -> list[str]:
+    """The settings both runs of a case share; its data files are written in `directory`."""
+    stage, adapter, _, extra = CASES[case]
+    data = write_jsonl(directory / "d.jsonl", ROWS[stage])
+    evals = {
+        "eval3": write_jsonl(directory / "e3.jsonl", ROWS[stage][:3]),
+        "eval1": write_jsonl(directory / "e1.jsonl", ROWS[stage][:1]),
+    }
     return [
         f"model.name_or_path={model_dir}",
         "model.device=cpu",
@@ -54,12 +76,13 @@ def overrides(tmp_path: Path, model_dir: Path, stage: str, adapter: str, extra: 
         "train.save_steps=1",
         "train.learning_rate=1e-2",
         "lora.dropout=0",  # dropout masks are drawn per process: no match to compare
-        *extra,
+        *(["pref.loss=sigmoid"] if stage == "pref" else []),
+        *[e.format(**evals) for e in extra],
     ]
 
 
-def launch(tmp_path: Path, stage: str, backend: str, mode: str, settings: list[str]) -> list[dict]:
-    """Train in 2 CPU processes, 2 rows each per micro-batch; each rank's record."""
+def launch(root: Path, backend: str) -> None:
+    """Run root/jobs.json in 2 CPU processes."""
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [
         str(accelerate),
@@ -76,13 +99,8 @@ def launch(tmp_path: Path, stage: str, backend: str, mode: str, settings: list[s
         "--main_process_port",
         str(29500 + os.getpid() % 500),
         str(WORKER),
-        stage,
-        str(tmp_path),
+        str(root),
         backend,
-        mode,
-        *settings,
-        f"train.output_dir={tmp_path / 'two'}",
-        "train.micro_batch_size=2",
     ]
     env = {
         **os.environ,
@@ -90,9 +108,38 @@ def launch(tmp_path: Path, stage: str, backend: str, mode: str, settings: list[s
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
     }
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tiny_model_dir):
+    """backend -> the dir its cases ran in: one launch per backend runs all its cases."""
+    roots: dict[str, Path] = {}
+
+    def get(backend: str) -> Path:
+        if backend not in roots:
+            root = tmp_path_factory.mktemp(backend)
+            jobs = []
+            for case in [c for c in CASES if CASES[c][2] == backend]:
+                directory = root / case
+                directory.mkdir()
+                settings = overrides(directory, tiny_model_dir, case)
+                two = [f"train.output_dir={directory / 'two'}", "train.micro_batch_size=2"]
+                jobs.append(
+                    {
+                        "name": case,
+                        "stage": CASES[case][0],
+                        "cache": str(directory / "cache-two"),
+                        "overrides": settings + two,
+                    }
+                )
+            (root / "jobs.json").write_text(json.dumps(jobs))
+            launch(root, backend)
+            roots[backend] = root
+        return roots[backend]
+
+    return get
 
 
 def one_process(tmp_path: Path, stage: str, settings: list[str]) -> Path:
@@ -116,32 +163,17 @@ def assert_same_weights(a: Path, b: Path, adapter: str, atol: float) -> None:
         torch.testing.assert_close(left[name], right[name], rtol=0, atol=atol, msg=name)
 
 
-CASES = [
-    # stage, adapter, backend, extra settings
-    ("sft", "none", "ddp", []),
-    ("sft", "lora", "fsdp2", ["data.eval_sources={eval}"]),  # 3 eval rows over 2 processes
-    ("pref", "lora", "ddp", ["pref.precompute_ref=true"]),
-    ("pref", "none", "fsdp2", ["data.eval_sources={eval1}", "train.eval_on_start=true"]),
-]
-
-
-@pytest.mark.parametrize(("stage", "adapter", "backend", "extra"), CASES)
+@pytest.mark.parametrize("case", CASES)
 def test_two_processes_equal_one_resume_exactly_and_step_once_per_logged_step(
-    tmp_path, tiny_model_dir, monkeypatch, stage, adapter, backend, extra
+    launched, tiny_model_dir, monkeypatch, case
 ):
-    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache-two"))
-    evals = {
-        "eval": write_jsonl(tmp_path / "e.jsonl", ROWS[stage][:3]),
-        "eval1": write_jsonl(tmp_path / "e1.jsonl", ROWS[stage][:1]),
-    }
-    extra = [e.format(**evals) for e in extra]
-    if stage == "pref":
-        extra += ["pref.loss=sigmoid"]
-    settings = overrides(tmp_path, tiny_model_dir, stage, adapter, extra)
-    ranks = launch(tmp_path, stage, backend, "resume", settings)
+    stage, adapter, backend, _ = CASES[case]
+    directory = launched(backend) / case
+    ranks = [json.loads((directory.parent / f"{case}-rank{r}.json").read_text()) for r in (0, 1)]
+    settings = overrides(directory, tiny_model_dir, case)
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["distributed_type"].endswith("FSDP" if backend == "fsdp2" else "MULTI_CPU")
-    two = tmp_path / "two" / "full"
+    two = directory / "two" / "full"
 
     # (c) one optimizer update per logged step, counted on each process: 3 steps of
     # 2, 1 (the epoch's tail) and 2 micro-batches, gradients synced on each step's last
@@ -154,23 +186,23 @@ def test_two_processes_equal_one_resume_exactly_and_step_once_per_logged_step(
     assert sorted(seen) == list(range(12))
 
     # (a) equal to one process with the same global batch
-    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache-one"))
-    one = one_process(tmp_path, stage, settings)
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(directory / "cache-one"))
+    one = one_process(directory, stage, settings)
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
     assert_same_weights(two, one, adapter, atol=1e-4)  # Adam at lr 1e-2: 1% of a step
     if "eval_loss" in read_metrics(one / "metrics.jsonl")[-1]:  # (d) uneven eval shards
         assert losses(two, "eval_loss") == pytest.approx(losses(one, "eval_loss"), rel=1e-5)
-    if "train.eval_on_start=true" in extra:
+    if "train.eval_on_start=true" in settings:
         # step 0: policy = reference, so the one pair's loss is -log sigmoid(0) = log 2
         assert read_metrics(two / "metrics.jsonl")[0]["eval_loss"] == pytest.approx(math.log(2))
-    if "pref.precompute_ref=true" in extra:  # the cache the two processes gathered
-        cached = sorted((tmp_path / "cache-two" / "ref_logps").glob("*.safetensors"))
-        alone = sorted((tmp_path / "cache-one" / "ref_logps").glob("*.safetensors"))
+    if "pref.precompute_ref=true" in settings:  # the cache the two processes gathered
+        cached = sorted((directory / "cache-two" / "ref_logps").glob("*.safetensors"))
+        alone = sorted((directory / "cache-one" / "ref_logps").glob("*.safetensors"))
         assert [p.name for p in cached] == [p.name for p in alone] and len(cached) == 1
         assert torch.equal(load_file(cached[0])["ref_logps"], load_file(alone[0])["ref_logps"])
 
     # (b) killed after its first checkpoint and resumed: the uninterrupted run, exactly
-    cut = tmp_path / "two" / "cut"
+    cut = directory / "two" / "cut"
     assert losses(cut) == losses(two)
     assert_same_weights(cut, two, adapter, atol=0)
     assert [rank["optimizer_steps"][1:] for rank in ranks] == [[1, STEPS - 1]] * 2
