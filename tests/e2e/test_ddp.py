@@ -211,3 +211,60 @@ def test_two_processes_equal_one_resume_exactly_and_step_once_per_logged_step(
     assert ranks[1]["saved"] == [] and ranks[1]["metrics_lines"] == []
     assert ranks[0]["saved"] == [str(two), str(cut)]
     assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_dry_run_under_accelerate_launch_prints_the_batches_once(tmp_path, tiny_model_dir):
+    import yaml
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", ROWS["sft"])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", ROWS["pref"])
+    recipe = {
+        "name": "tiny",
+        "model": {"name_or_path": str(tiny_model_dir), "adapter": "lora", "device": "cpu"},
+        "train": {"micro_batch_size": 2, "gradient_accumulation_steps": 2},
+        "stages": [
+            {"stage": "sft", "data": {"sources": [str(sft)]}, "train": {"epochs": 2}},
+            {"stage": "merge", "id": "sft-merged"},
+            {"stage": "pref", "data": {"sources": [str(pairs)]}, "train": {"max_steps": 3}},
+        ],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    command = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(29000 + os.getpid() % 500),
+        "-m",
+        "alignkit.cli",
+        "run",
+        str(path),
+        "--dry-run",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    # 12 rows, 2 per device on 2 processes: 3 global micro-batches an epoch, 2 steps
+    sft_line = "sft: 2 processes x 2 rows per device x 2 accumulated = global batch 8"
+    assert f"{sft_line}; 12 rows, at most 4 steps (2 epoch(s))" in out
+    assert "pref: 2 processes x 2 rows per device x 2 accumulated = global batch 8" in out
+    assert "3 steps (train.max_steps)" in out
+    assert out.count("recipe is valid") == 1  # printed by the main process only
+    assert not (tmp_path / "run").exists()
