@@ -57,7 +57,7 @@ def test_resume_restores_weights_optimizer_schedule_and_every_rng(tmp_path):
     expected = draws()
     fresh_acc, fresh, fresh_optimizer, fresh_scheduler = small_run(seed=1)
     draws()  # move every generator on
-    restored = load_checkpoint(fresh_acc, path)
+    restored = load_checkpoint(fresh_acc, fresh, path)
     assert restored == state
     assert torch.equal(fresh[0].weight, model[0].weight)  # trained: restored
     assert not torch.equal(fresh[1].weight, model[1].weight)  # frozen: from its own start
@@ -88,7 +88,7 @@ def test_a_planted_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"state": Planted(str(marker))}, path / "optimizer.bin")
     with pytest.raises(AlignkitError, match="holds more than tensors and plain values"):
-        load_checkpoint(small_run()[0], path)
+        load_checkpoint(*small_run()[:2], path)
     assert not marker.exists()
 
 
@@ -99,7 +99,7 @@ def test_a_planted_accelerate_rng_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"random_state": Planted(str(marker))}, rundir.accelerate_rng_file(path, 0))
     with pytest.raises(AlignkitError, match="random_states_0.pkl"):
-        load_checkpoint(small_run()[0], path)
+        load_checkpoint(*small_run()[:2], path)
     assert not marker.exists()
 
 
@@ -133,7 +133,14 @@ def test_a_checkpoint_without_rng_files_is_a_named_error(tmp_path):
     path = save_checkpoint(acc, tmp_path, TrainState(step=1), keep=2)
     (path / "rng-0.json").unlink()
     with pytest.raises(AlignkitError, match="lacks rng-0.json"):
-        load_checkpoint(small_run()[0], path)
+        load_checkpoint(*small_run()[:2], path)
+
+
+def test_another_process_count_is_refused(tmp_path):
+    acc, *_ = small_run()
+    path = save_checkpoint(acc, tmp_path, TrainState(step=1, processes=2), keep=2)
+    with pytest.raises(AlignkitError, match="written by 2 process"):
+        load_checkpoint(*small_run()[:2], path)
 
 
 def test_a_killed_save_leaves_nothing_behind_the_next_save_and_is_never_listed(tmp_path):

@@ -46,6 +46,7 @@ class TrainState:
     micro_batch: int = 0
     trained_tokens: int = 0
     train_seconds: float = 0.0  # summed over resumed invocations
+    processes: int = 1  # the data position counts global micro-batches of this many
 
 
 # ---------------------------------------------------------------- RNG states
@@ -250,8 +251,8 @@ def check_loadable(path: Path) -> None:
             raise refused(file, "is not a file an alignkit checkpoint holds")
 
 
-def check_weights_match(acc: Any, path: Path) -> None:
-    """DDP / one process: the checkpoint's weights are this model's trainable ones."""
+def check_weights_match(model: Any, path: Path) -> None:
+    """DDP / one process: the checkpoint's weights are this (prepared) model's trainable ones."""
     file = path / rundir.ACCELERATE_WEIGHTS
     if not file.is_file():
         raise AlignkitError(
@@ -261,7 +262,6 @@ def check_weights_match(acc: Any, path: Path) -> None:
         )
     with safe_open(file, "pt") as handle:
         saved = set(handle.keys())
-    model = acc._models[0]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if not saved or saved - trainable:
         extra = sorted(saved - trainable)[:3]
@@ -273,21 +273,29 @@ def check_weights_match(acc: Any, path: Path) -> None:
         )
 
 
-def load_checkpoint(acc: Any, path: Path) -> TrainState:
-    """Restore model, optimizer, schedule, this process's RNG and the loop position."""
+def load_checkpoint(acc: Any, model: Any, path: Path) -> TrainState:
+    """Restore model (as prepared), optimizer, schedule, this process's RNG and the loop
+    position, from a checkpoint written by as many processes."""
+    state = TrainState(**rundir.read_json(path / rundir.CHECKPOINT_STATE))
+    if state.processes != acc.num_processes:
+        raise AlignkitError(
+            f"Checkpoint '{path}' was written by {state.processes} process(es); this run has "
+            f"{acc.num_processes}. Resume with {state.processes} (its data position and "
+            "sharded state are per process), or train without --resume."
+        )
     rng_state, rng_tensor_file = rundir.checkpoint_rng_files(path, acc.process_index)
     missing = [p.name for p in (rng_state, rng_tensor_file) if not p.is_file()]
     if missing:
         raise AlignkitError(
             f"Checkpoint '{path}' lacks {', '.join(missing)} (written by an older alignkit, "
-            "by fewer processes, or incomplete); it cannot be resumed exactly. Resume with "
-            "as many processes as wrote it, or delete it and train without --resume."
+            "or incomplete); it cannot be resumed exactly. Delete it, or train without "
+            "--resume."
         )
     check_loadable(path)
     if is_sharded(acc):
         acc.load_state(str(path))
     else:
-        check_weights_match(acc, path)
+        check_weights_match(model, path)
         acc.load_state(str(path), strict=False)  # the file holds the trainable weights only
     set_rng(rundir.read_json(rng_state), load_file(rng_tensor_file))
-    return TrainState(**rundir.read_json(path / rundir.CHECKPOINT_STATE))
+    return state

@@ -238,9 +238,9 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
             f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps}: make "
             "the Accelerator with alignkit.train.stage.make_accelerator."
         )
-    state = TrainState()
+    state = TrainState(processes=acc.num_processes)
     if resume_from is not None:
-        state = load_checkpoint(acc, resume_from)
+        state = load_checkpoint(acc, parts.model, resume_from)
     log = MetricsLog(
         parts.output_dir / rundir.METRICS,
         cfg.report_to,
