@@ -198,8 +198,9 @@ def test_two_processes_equal_one_resume_exactly_and_step_once_per_logged_step(
     if "pref.precompute_ref=true" in settings:  # the cache the two processes gathered
         cached = sorted((directory / "cache-two" / "ref_logps").glob("*.safetensors"))
         alone = sorted((directory / "cache-one" / "ref_logps").glob("*.safetensors"))
-        assert [p.name for p in cached] == [p.name for p in alone] and len(cached) == 1
-        assert torch.equal(load_file(cached[0])["ref_logps"], load_file(alone[0])["ref_logps"])
+        assert [p.name for p in cached] == [p.name for p in alone] and len(cached) == 2
+        for mine, theirs in zip(cached, alone, strict=True):  # train and eval pairs
+            assert torch.equal(load_file(mine)["ref_logps"], load_file(theirs)["ref_logps"])
 
     # (b) killed after its first checkpoint and resumed: the uninterrupted run, exactly
     cut = directory / "two" / "cut"

@@ -98,9 +98,18 @@ def keep_trainable(models: list[Any], weights: list[dict[str, Any]], _directory:
     """`save_state` hook (DDP / one process): keep only the trainable weights of each
     model's state dict; a LoRA checkpoint then holds the adapter, not the base model."""
     for model, state_dict in zip(models, weights, strict=True):
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        for name in [n for n in state_dict if n not in trainable]:
+        trainable = trainable_names(model)
+        for name in [n for n in state_dict if unwrapped_name(n) not in trainable]:
             del state_dict[name]
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without DDP's wrapper prefix."""
+    return name.removeprefix("module.")
+
+
+def trainable_names(model: Any) -> set[str]:
+    return {unwrapped_name(n) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def share_path(acc: Any, path: Path | None) -> Path:
@@ -261,8 +270,8 @@ def check_weights_match(model: Any, path: Path) -> None:
             "train without --resume."
         )
     with safe_open(file, "pt") as handle:
-        saved = set(handle.keys())
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        saved = {unwrapped_name(n) for n in handle.keys()}  # noqa: SIM118 (not a dict)
+    trainable = trainable_names(model)
     if not saved or saved - trainable:
         extra = sorted(saved - trainable)[:3]
         raise AlignkitError(

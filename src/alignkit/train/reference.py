@@ -209,7 +209,7 @@ def prepare_reference_model(acc: Any, model: Any) -> Any:
         model = fsdp2_prepare_model(acc, model)
     elif kind == "DEEPSPEED" and zero_stage(acc) == 3:
         model = deepspeed_inference(acc, model)
-    else:
+    elif next(model.parameters()).device != acc.device:  # quantized models cannot move
         model = model.to(acc.device)
     return model.eval()
 
