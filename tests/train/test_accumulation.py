@@ -147,5 +147,5 @@ def test_a_mismatched_accelerator_is_refused(tmp_path):
         cfg=TrainConfig(gradient_accumulation_steps=4),
         output_dir=tmp_path,
     )
-    with pytest.raises(Exception, match="accumulates 1 micro-batches"):
+    with pytest.raises(Exception, match="accumulates 1 micro-batches per step"):
         run_loop(parts)

@@ -234,9 +234,11 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
     steps = total_steps(len(parts.rows), cfg, acc.num_processes)
     if acc.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
         raise AlignkitError(
-            f"The Accelerator accumulates {acc.gradient_accumulation_steps} micro-batches, "
-            f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps}: make "
-            "the Accelerator with alignkit.train.stage.make_accelerator."
+            f"Accelerate accumulates {acc.gradient_accumulation_steps} micro-batches per "
+            f"step, train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps}. "
+            "Set accumulation in the recipe only: drop gradient_accumulation_steps from the "
+            "accelerate launch config or command line (ACCELERATE_GRADIENT_ACCUMULATION_STEPS) "
+            "and from a DeepSpeed config file (or set it to auto there)."
         )
     state = TrainState(processes=acc.num_processes)
     if resume_from is not None:
