@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 import alignkit.train.loop as loop
 from alignkit.config import TrainConfig
+from alignkit.errors import AlignkitError
 from alignkit.train.loop import LoopParts, run_loop
 
 
@@ -147,5 +148,5 @@ def test_a_mismatched_accelerator_is_refused(tmp_path):
         cfg=TrainConfig(gradient_accumulation_steps=4),
         output_dir=tmp_path,
     )
-    with pytest.raises(Exception, match="accumulates 1 micro-batches per step"):
+    with pytest.raises(AlignkitError, match="accumulates 1 micro-batches per step"):
         run_loop(parts)
