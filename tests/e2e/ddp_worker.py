@@ -12,13 +12,17 @@ job trains into OUT/full; then into OUT/cut, killed after its first checkpoint; 
 resumes OUT/cut from it in the same processes (OUT: the job's train.output_dir).
 
 Each rank writes <job>-rank<i>.json: the rows it trained on, its optimizer updates, the
-gradient-sync flag of every backward, and what it wrote (final outputs, metrics lines).
+gradient-sync flag of every backward, what it wrote (final outputs, metrics lines), and
+where its Python RNG ended each run (each rank moves it on by a different amount per
+micro-batch, so restoring another rank's state shows).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +45,7 @@ record: dict[str, list] = {
     "backward_syncs": [],
     "saved": [],
     "metrics_lines": [],
+    "rng_end": [],
 }
 
 rank_rows, save_outputs, append_metrics = loop.rank_rows, stage.save_outputs, rundir.append_metrics
@@ -52,6 +57,8 @@ load_checkpoint = loop.load_checkpoint
 def record_rows(order, micro_batch, cfg, rank, world):
     rows = rank_rows(order, micro_batch, cfg, rank, world)
     record["rows"].extend(rows)
+    for _ in range(rank + 1):  # each process moves its Python RNG on its own way
+        random.random()
     return rows
 
 
@@ -134,7 +141,12 @@ def run(recipe, directory: str, resume: str = "no") -> None:
     record["optimizer_steps"].append(0)
     record["backward_syncs"].append([])
     cfg = replace(recipe.train, output_dir=directory, resume=resume)
-    train(replace(recipe, train=cfg))
+    random.seed(0)
+    try:
+        train(replace(recipe, train=cfg))
+    finally:  # where each process's RNG ended: a resumed run must end where the whole one did
+        state = repr(random.getstate()).encode()
+        record["rng_end"].append(hashlib.sha256(state).hexdigest())
 
 
 from accelerate import PartialState  # noqa: E402

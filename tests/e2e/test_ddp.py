@@ -207,6 +207,9 @@ def test_two_processes_equal_one_resume_exactly_and_step_once_per_logged_step(
     assert losses(cut) == losses(two)
     assert_same_weights(cut, two, adapter, atol=0)
     assert [rank["optimizer_steps"][1:] for rank in ranks] == [[1, STEPS - 1]] * 2
+    # each process resumed its own RNG state (the processes' states differ)
+    assert [rank["rng_end"][2] for rank in ranks] == [rank["rng_end"][0] for rank in ranks]
+    assert ranks[0]["rng_end"][0] != ranks[1]["rng_end"][0]
 
     # (e) one process writes the outputs and the metrics
     assert ranks[1]["saved"] == [] and ranks[1]["metrics_lines"] == []
