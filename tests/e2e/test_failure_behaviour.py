@@ -154,3 +154,32 @@ def test_a_mount_point_takes_training_outputs_and_is_never_replaced_whole(
         code = main(["merge", str(adapter), "--out", str(volume), "--overwrite"])
         assert code == 2 and "mount point" in capsys.readouterr().err
         assert (volume / rundir.RUN_INFO).is_file()
+
+
+class Planted:
+    """What an attacker pickles into a run dir: loading it touches a marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_resume_refuses_a_planted_optimizer_pickle_and_runs_none_of_it(
+    tmp_path, tiny_model_dir, data, capsys
+):
+    import torch
+
+    out = tmp_path / "run"
+    assert main(sft_argv(tiny_model_dir, data, out)) == 0
+    last = rundir.checkpoints(out)[-1]
+    (out / rundir.RUN_INFO).unlink()  # an unfinished run: --resume loads its checkpoint
+    marker = tmp_path / "pwned"
+    torch.save({"state": Planted(str(marker))}, last / "optimizer.bin")  # Accelerate's name
+    assert main(sft_argv(tiny_model_dir, data, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.bin" in err and "holds more than tensors" in err
+    assert not marker.exists()

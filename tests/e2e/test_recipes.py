@@ -14,6 +14,8 @@ from alignkit.config.check import check
 from alignkit.rundir import read_metrics
 from alignkit.train.pref import train_pref
 from alignkit.workflow import load_workflow, validate
+from alignkit.workflow.check import batch_plans
+from alignkit.workflow.plan import TRAINING
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(ROOT.joinpath("recipes").rglob("*.yaml"))
@@ -31,6 +33,9 @@ def test_recipe_is_valid(path, monkeypatch):
         workflow = load_workflow(path)
         notes = validate(workflow)
         assert notes and all(s.fingerprint == "" for s in workflow.stages)
+        plans = batch_plans(workflow, world=8)  # what --dry-run prints under 8 processes
+        assert len(plans) == len([s for s in workflow.stages if s.kind in TRAINING])
+        assert all("8 processes x" in line and "steps" in line for line in plans)
         return
     loaded = load_recipe(path)
     for source in loaded.data.sources + loaded.data.eval_sources:

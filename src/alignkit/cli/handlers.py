@@ -115,13 +115,18 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> None:
     from alignkit.workflow import default_run_dir, describe, load_workflow, run_workflow, validate
+    from alignkit.workflow.check import batch_plans, launch_world
 
     workflow = load_workflow(args.recipe, extra)
     run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(workflow)
     if args.dry_run:
         notes = validate(workflow)
+        world, main_process = launch_world()
+        if not main_process:  # under accelerate launch / torchrun: the plan is printed once
+            return
         print(describe(workflow, run_dir))
         print("\nchecks:\n" + "\n".join(f"  {n}" for n in notes))
+        print("\nbatches:\n" + "\n".join(f"  {n}" for n in batch_plans(workflow, world)))
         print("\nrecipe is valid (dry run: nothing was trained)")
         return
     run_workflow(workflow, run_dir, args.start, args.until)

@@ -18,11 +18,15 @@ LOG = "log.txt"  # third-party logging, warnings and progress bars; alignkit's o
 
 # checkpoints
 CHECKPOINT_PREFIX = "checkpoint-"
-CHECKPOINT_WEIGHTS = "trainable.safetensors"
-CHECKPOINT_OPTIMIZER = "optimizer.pt"
-CHECKPOINT_RNG_STATE = "rng.json"
-CHECKPOINT_RNG_TENSORS = "rng.safetensors"
-CHECKPOINT_STATE = "state.json"
+CHECKPOINT_STATE = "state.json"  # the loop position, written last: a checkpoint is complete
+CHECKPOINT_RNG_STATE = "rng-{rank}.json"  # each process's Python and NumPy RNG
+CHECKPOINT_RNG_TENSORS = "rng-{rank}.safetensors"  # each process's torch RNG
+# Accelerate's names inside a checkpoint (accelerate.utils.constants): DDP / one process
+# weights, and the RNG pickle `save_state` writes per process, which alignkit replaces
+ACCELERATE_WEIGHTS = "model.safetensors"
+ACCELERATE_RNG = "random_states_{rank}.pkl"
+# text files DeepSpeed writes beside its shards (its tag, its offline converter)
+CHECKPOINT_TEXT_FILES = ("latest", "zero_to_fp32.py")
 
 # eval outputs
 RESULTS = "results.json"
@@ -67,6 +71,18 @@ def default_dir(command: str) -> Path:
 
 def checkpoint_dir(directory: Path, step: int) -> Path:
     return directory / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def checkpoint_rng_files(checkpoint: Path, rank: int) -> tuple[Path, Path]:
+    """One process's RNG files in a checkpoint: (JSON states, torch tensors)."""
+    return (
+        checkpoint / CHECKPOINT_RNG_STATE.format(rank=rank),
+        checkpoint / CHECKPOINT_RNG_TENSORS.format(rank=rank),
+    )
+
+
+def accelerate_rng_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / ACCELERATE_RNG.format(rank=rank)
 
 
 def checkpoint_step(path: Path) -> int:

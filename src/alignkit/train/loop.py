@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,25 +150,37 @@ class LoopParts:
 
 
 def _step_sums(parts: LoopParts, batches: list[Any]) -> tuple[float, dict[str, float], int, int]:
-    """Forward and backward over one step's micro-batches.
+    """Forward and backward over one step's micro-batches, through Accelerate's accumulation.
 
-    Returns the loss, the metric means, and the global trained and input token counts.
+    The Accelerator syncs gradients on the step's last micro-batch only (an epoch's short
+    tail included), so DDP and FSDP reduce once and DeepSpeed's engine steps once.
+    `accelerator.backward` (or DeepSpeed's engine) divides by the configured accumulation
+    count and DDP / FSDP / ZeRO average over processes; the loss handed to it is scaled
+    back so the step's gradient is that of sum / global count. Returns the loss, the
+    metric means, and the global trained and input token counts.
     """
     acc, model = parts.accelerator, parts.model
     keys = ("units", "trained_tokens", "input_tokens")
     local = [sum(getattr(b, key) for b in batches) for key in keys]
     totals = acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum")
     count, trained_tokens, input_tokens = totals.tolist()
+    scale = acc.num_processes * acc.gradient_accumulation_steps / max(count, 1)
+    # Accelerate syncs when its micro-batch counter reaches a multiple of the accumulation
+    # count: start it so that happens on this step's last micro-batch
+    acc.step = acc.gradient_accumulation_steps - len(batches)
     loss_total, metric_totals = torch.zeros((), device=acc.device), {}
-    for i, batch in enumerate(batches):
-        sync = acc.no_sync(model) if i < len(batches) - 1 else nullcontext()
-        with sync, acc.autocast():
+    for batch in batches:
+        with acc.accumulate(model), acc.autocast():
             loss_sum, _, metrics = parts.loss_sums(model, batch.to(acc.device))
-            # DDP averages gradients over processes; scale so the result is sum / global count
-            acc.backward(loss_sum * acc.num_processes / max(count, 1))
+            acc.backward(loss_sum * scale)
         loss_total += loss_sum.detach()
         for key, value in metrics.items():
             metric_totals[key] = metric_totals.get(key, 0.0) + value.detach()
+    if not acc.sync_gradients:
+        raise AlignkitError(
+            f"Internal error: a step of {len(batches)} micro-batches ended without syncing "
+            f"gradients (accumulation count {acc.gradient_accumulation_steps})."
+        )
     means = summed_means(acc, {"loss": loss_total, **metric_totals}, torch.tensor(count))
     return means.pop("loss"), means, int(trained_tokens), int(input_tokens)
 
@@ -221,11 +232,17 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
     """Train to the configured number of steps, logging, evaluating and checkpointing."""
     acc, cfg = parts.accelerator, parts.cfg
     steps = total_steps(len(parts.rows), cfg, acc.num_processes)
-    state = TrainState()
-    if resume_from is not None:
-        state = load_checkpoint(
-            resume_from, acc.unwrap_model(parts.model), parts.optimizer, parts.scheduler
+    if acc.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
+        raise AlignkitError(
+            f"Accelerate accumulates {acc.gradient_accumulation_steps} micro-batches per "
+            f"step, train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps}. "
+            "Set accumulation in the recipe only: drop gradient_accumulation_steps from the "
+            "accelerate launch config or command line (ACCELERATE_GRADIENT_ACCUMULATION_STEPS) "
+            "and from a DeepSpeed config file (or set it to auto there)."
         )
+    state = TrainState(processes=acc.num_processes)
+    if resume_from is not None:
+        state = load_checkpoint(acc, parts.model, resume_from)
     log = MetricsLog(
         parts.output_dir / rundir.METRICS,
         cfg.report_to,
@@ -284,16 +301,7 @@ def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:
                 log.log(record)
             progress.update(task, completed=state.step, loss=loss, tps=input_tokens / elapsed)
             if (cfg.save_steps and state.step % cfg.save_steps == 0) or last:
-                if acc.is_main_process:
-                    save_checkpoint(
-                        parts.output_dir,
-                        acc.unwrap_model(parts.model),
-                        parts.optimizer,
-                        parts.scheduler,
-                        state,
-                        cfg.save_total_limit,
-                    )
-                acc.wait_for_everyone()
+                save_checkpoint(acc, parts.output_dir, state, cfg.save_total_limit)
     log.close()
     return state
 

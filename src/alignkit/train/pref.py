@@ -39,6 +39,7 @@ from alignkit.train.reference import (
     cached_reference,
     compute_reference,
     model_fingerprint,
+    prepare_reference_model,
     reference_scorer,
 )
 from alignkit.train.stage import (
@@ -165,16 +166,19 @@ def attach_reference(run: StageRun, score: Scorer, model_fp: str) -> None:
         rows = getattr(data, split)
         if not rows:
             continue
+        acc = run.accelerator
         compute = partial(
             compute_reference,
             rows,
             score,
             make,
             recipe.train.micro_batch_size,
-            run.accelerator.device,
+            acc.device,
             run.verbose,
+            acc,
         )
-        with_ref, path, hit = cached_reference(rows, model_fp, scoring_method(recipe), compute)
+        method = scoring_method(recipe)
+        with_ref, path, hit = cached_reference(rows, model_fp, method, compute, acc)
         setattr(data, split, with_ref)
         run.note(f"reference log-probs ({split[:-5]}): {'reused' if hit else 'wrote'} {path}")
 
@@ -189,10 +193,13 @@ def prepare_reference(run: StageRun) -> Any | None:
         ref_model = load_reference(recipe, run.data)
         keep_exact_layout(run, ref_model)
         recipe = run.recipe
-    if recipe.pref.precompute_ref:
+    # fingerprinted whole, before sharding
+    model_fp = model_fingerprint(ref_model or run.model) if recipe.pref.precompute_ref else ""
+    if ref_model is not None:
+        ref_model = prepare_reference_model(run.accelerator, ref_model)
+    if recipe.pref.precompute_ref:  # the pairs split over the processes, one cache file
         score = reference_scorer(run.model, run.model, ref_model, recipe.train.logps_chunk)
-        with run.accelerator.main_process_first():  # rank 0 writes the cache, others read it
-            attach_reference(run, score, model_fingerprint(ref_model or run.model))
+        attach_reference(run, score, model_fp)
         return None
     return ref_model
 

@@ -90,7 +90,13 @@ def make_accelerator(cfg: TrainConfig, device: torch.device) -> Any:
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
     if device.type != "cuda" and precision != "no":
         raise AlignkitError(f"train.mixed_precision={precision} needs a GPU; use no (fp32) on CPU.")
-    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    # the schedule is built for optimizer steps and stepped once per step by the loop
+    return Accelerator(
+        mixed_precision=precision,
+        cpu=device.type == "cpu",
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,
+    )
 
 
 def split_eval(
@@ -300,7 +306,14 @@ def prepare_optimizer(run: StageRun, n_rows: int) -> tuple[Any, Any]:
     optimizer, scheduler = make_optimizer(
         run.model, cfg, total_steps(n_rows, cfg, acc.num_processes)
     )
-    run.model, optimizer = acc.prepare(run.model, optimizer)
+    deepspeed = getattr(acc.state, "deepspeed_plugin", None)
+    if deepspeed is not None:  # no dataloader is prepared: DeepSpeed reads the sizes here
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+        deepspeed.deepspeed_config["train_batch_size"] = (
+            cfg.micro_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
+        )
+    # prepared together, so save_state / load_state hold all three (sharded where they are)
+    run.model, optimizer, scheduler = acc.prepare(run.model, optimizer, scheduler)
     return optimizer, scheduler
 
 
@@ -376,9 +389,17 @@ def run_info(run: StageRun, state: TrainState) -> dict[str, Any]:
     }
 
 
+def without_tied_copies(model: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict gathered from shards (FSDP, ZeRO-3) holds a tied weight twice, as two
+    tensors: keep its source only, as `save_pretrained` does for one process's model."""
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+    return {k: v for k, v in state_dict.items() if not (k in ties and ties[k] in state_dict)}
+
+
 def save_outputs(run: StageRun, state_dict: dict[str, Any], directory: Path) -> None:
     """Final weights (adapter or full safetensors), tokenizer with the template used, config."""
     model = run.accelerator.unwrap_model(run.model)
+    state_dict = without_tied_copies(model, state_dict)
     model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     run.data.tokenizer.chat_template = run.data.template.source
     run.data.tokenizer.save_pretrained(directory)

@@ -91,3 +91,52 @@ def validate(workflow: Workflow) -> list[str]:
         if stage.kind == "eval":
             notes += check_eval_data(stage, hub)
     return notes
+
+
+def launch_world() -> tuple[int, bool]:
+    """(processes, whether this is the main one) as `accelerate launch` or `torchrun` set
+    them in the environment; (1, True) when started plainly."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0") == "0"
+
+
+def stage_rows(stage: PlannedStage) -> int | None:
+    """Training rows of a stage whose data are local files (before tokenization drops
+    any), less the held-out eval fraction; None when a source is on the hub."""
+    from alignkit.data.sources import is_local, load_source
+
+    data, cfg = stage.recipe.data, stage.recipe.train
+    if not all(is_local(s) for s in data.sources):
+        return None
+    rows = sum(load_source(s)[1].used for s in data.sources)
+    if not data.eval_sources and cfg.eval_fraction > 0:
+        rows -= max(1, round(rows * cfg.eval_fraction))
+    return rows
+
+
+def batch_plan(stage: PlannedStage, world: int) -> str:
+    """How a training stage splits its batches over `world` processes, and its steps."""
+    from alignkit.train.loop import micro_batches_per_epoch, total_steps
+
+    cfg = stage.recipe.train
+    per_step = cfg.micro_batch_size * world * cfg.gradient_accumulation_steps
+    line = (
+        f"{stage.id}: {world} process{'es' if world > 1 else ''} x {cfg.micro_batch_size} rows "
+        f"per device x {cfg.gradient_accumulation_steps} accumulated = global batch {per_step}"
+    )
+    if cfg.max_steps > 0:
+        return f"{line}; {cfg.max_steps} steps (train.max_steps)"
+    rows = stage_rows(stage)
+    if rows is None:
+        return f"{line}; steps: from the hub data's size at run time"
+    if cfg.packing:
+        return f"{line}; {rows} rows before packing: steps depend on the packed rows"
+    if micro_batches_per_epoch(rows, cfg, world) == 0:
+        return f"{line}; {rows} rows: fewer than one global micro-batch, the stage would stop"
+    steps = total_steps(rows, cfg, world)
+    return f"{line}; {rows} rows, at most {steps} steps ({cfg.epochs} epoch(s))"
+
+
+def batch_plans(workflow: Workflow, world: int) -> list[str]:
+    return [batch_plan(s, world) for s in workflow.stages if s.kind in TRAINING]
