@@ -94,7 +94,9 @@ def test_rollout_batch_scores_each_completion_token_like_a_plain_forward():
             for i, r in enumerate(rollouts):
                 n = len(r.completion_ids)
                 assert mask[i].tolist() == [True] * n + [False] * (mask.shape[1] - n)
-                torch.testing.assert_close(values[i, :n], reference_logps(model, r), atol=1e-5, rtol=0)
+                torch.testing.assert_close(
+                    values[i, :n], reference_logps(model, r), atol=1e-5, rtol=0
+                )
 
 
 def test_best_vs_worst_pairs_skip_ties_with_a_count():

@@ -204,6 +204,7 @@ def check_lengths(recipe: Recipe) -> None:
 
 COMMON = (check_ranges, check_lengths)
 
+
 def check_online(recipe: Recipe) -> None:
     """Online DPO trains on pairs: its pref.loss must be a pair loss with sane values."""
     from alignkit.losses.preference import FEEDBACK_LOSSES
