@@ -17,15 +17,16 @@ from alignkit.rewards.base import Message, Prompt
 SCORE_BATCH = 8
 
 
-def rm_ids(
-    prompt: list[Message], completion: str, tokenizer: Any, template: str, max_length: int
-) -> list[int]:
-    """Token ids of the conversation prompt + assistant completion, its beginning cut
-    when longer than `max_length` (the score is read at the last token)."""
-    messages = [*prompt, {"role": "assistant", "content": completion}]
+def rm_ids(messages: list[Message], tokenizer: Any, template: str, max_length: int) -> list[int]:
+    """Token ids of a conversation ending with the scored assistant reply, its beginning
+    cut when longer than `max_length` (the score is read at the last token)."""
     text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return ids[-max_length:]
+
+
+def reply(prompt: list[Message], completion: str) -> list[Message]:
+    return [*prompt, {"role": "assistant", "content": completion}]
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +77,7 @@ class RewardModel:
     def __call__(self, prompts: list[Prompt], completions: list[str]) -> list[float]:
         template, pad = self.tokenizer.chat_template, self.tokenizer.pad_token_id or 0
         sequences = [
-            rm_ids(p.messages, c, self.tokenizer, template, self.max_length)
+            rm_ids(reply(p.messages, c), self.tokenizer, template, self.max_length)
             for p, c in zip(prompts, completions, strict=True)
         ]
         scores: list[float] = []
