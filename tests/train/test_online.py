@@ -109,3 +109,14 @@ def test_online_dpo_and_grpo_with_kl_under_lora(tmp_path, peaky_model):
     records = read_metrics(kl / "metrics.jsonl")
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapter starts as a no-op
     assert records[-1]["kl"] > 0
+
+
+def test_held_out_prompts_are_scored_before_and_after(tmp_path, peaky_model):
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"Say {w}."} for w in "abc"])
+    out = train_online(
+        recipe(tmp_path, peaky_model, **{"data.eval_sources": str(held), "train.max_steps": 2})
+    )
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "eval_reward" in r] == [0, 2]
+    assert all(r["eval_reward_se"] >= 0 for r in records if "eval_reward" in r)
+    assert "eval_rewards/short_reward/mean" in records[0]

@@ -21,7 +21,7 @@ import math
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ from alignkit.train.stage import (
 )
 
 CURVES = [
-    ["reward"],
+    ["reward", "eval_reward"],
     ["loss"],
     ["completions/mean_length"],
     ["kl", "clip_ratio/region_mean"],
@@ -88,6 +88,7 @@ class OnlineRun:
 
     run: StageRun
     prompts: list[PromptIds]
+    eval_prompts: list[PromptIds]
     rewards: list[NamedReward]
     stop_ids: list[int]
     ref_model: Any = None
@@ -128,12 +129,21 @@ def tokenize_prompts(
     return kept, dropped
 
 
-def load_online_data(recipe: Recipe) -> tuple[StageData, list[PromptIds], dict[str, int]]:
+def load_online_data(
+    recipe: Recipe,
+) -> tuple[StageData, list[PromptIds], list[PromptIds], dict[str, int]]:
+    """Tokenizer, template, train prompts, held-out prompts (data.eval_sources) and the
+    skipped rows per reason."""
     tokenizer = load_tokenizer(recipe.model)
     template = resolve_template(recipe.model.chat_template, tokenizer)
     prompts, skipped = load_prompts(recipe.data.sources)
     limit = recipe.data.max_length - recipe.online.max_completion_length
     kept, dropped = tokenize_prompts(prompts, tokenizer, template, limit)
+    held: list[PromptIds] = []
+    if recipe.data.eval_sources:
+        held, _ = tokenize_prompts(
+            load_prompts(recipe.data.eval_sources)[0], tokenizer, template, limit
+        )
     skipped = dict(skipped) | ({f"prompt over {limit} tokens": dropped} if dropped else {})
     if not kept:
         raise AlignkitError(
@@ -145,10 +155,10 @@ def load_online_data(recipe: Recipe) -> tuple[StageData, list[PromptIds], dict[s
         template=template,
         kind="prompt",
         train_rows=kept,
-        eval_rows=[],
+        eval_rows=held,
         summary=f"{len(kept)} prompts" + (f", skipped {skipped}" if skipped else ""),
     )
-    return data, kept, skipped
+    return data, kept, held, skipped
 
 
 def prepare_online(recipe: Recipe, console: Console | None, log: Log | None) -> OnlineRun:
@@ -157,7 +167,7 @@ def prepare_online(recipe: Recipe, console: Console | None, log: Log | None) -> 
     accelerator = make_accelerator(recipe.train, device)
     plan = plan_output_dir(recipe, "online")
     torch.manual_seed(recipe.train.seed)
-    data, prompts, skipped = load_online_data(recipe)
+    data, prompts, held, skipped = load_online_data(recipe)
     rewards = build_rewards(recipe.online, str(device))
     run = StageRun(
         command="online",
@@ -176,6 +186,7 @@ def prepare_online(recipe: Recipe, console: Console | None, log: Log | None) -> 
     online = OnlineRun(
         run=run,
         prompts=prompts,
+        eval_prompts=held,
         rewards=rewards,
         stop_ids=stop_token_ids(data.template, data.tokenizer),
         skipped=skipped,
@@ -433,6 +444,34 @@ def train_step(online: OnlineRun, state: TrainState) -> dict[str, float]:
     return record
 
 
+# ---------------------------------------------------------------- held-out reward
+
+
+EVAL_BATCH = 16
+
+
+def evaluate_rewards(online: OnlineRun) -> dict[str, float]:
+    """The held-out prompts' greedy completions scored: each reward's mean and the summed
+    reward's mean with its standard error (eval_reward, eval_reward_se)."""
+    run = online.run
+    greedy = replace(sampling_settings(run.recipe), k=1, temperature=0.0)
+    model, pad = run.accelerator.unwrap_model(run.model), run.data.tokenizer.pad_token_id
+    texts: list[str] = []
+    for s in range(0, len(online.eval_prompts), EVAL_BATCH):
+        chunk = [p.ids for p in online.eval_prompts[s : s + EVAL_BATCH]]
+        rollouts = sample_rollouts(model, chunk, greedy, online.stop_ids, pad, seed=0)
+        decoded = run.data.tokenizer.batch_decode(
+            [r.completion_ids for r in rollouts], skip_special_tokens=True
+        )
+        texts += [t.strip() for t in decoded]
+    prompts = [p.prompt for p in online.eval_prompts]
+    scores = score_all(online.rewards, prompts, texts)
+    total = weighted_sum(scores, online.rewards)
+    se = statistics.stdev(total) / math.sqrt(len(total)) if len(total) > 1 else 0.0
+    record = {f"eval_rewards/{k}/mean": statistics.fmean(v) for k, v in scores.items()}
+    return record | {"eval_reward": statistics.fmean(total), "eval_reward_se": se}
+
+
 # ---------------------------------------------------------------- loop and save
 
 
@@ -469,6 +508,8 @@ def online_loop(online: OnlineRun) -> TrainState:
         True,
         state.step if run.resume_from is not None else None,
     )
+    if online.eval_prompts and state.step == 0:
+        log.log({"step": 0, **evaluate_rewards(online)})
     run.model.train()
     with online_progress(run.console) as progress:
         task = progress.add_task(
@@ -477,6 +518,10 @@ def online_loop(online: OnlineRun) -> TrainState:
         while state.step < online.steps:
             record = train_step(online, state)
             last = state.step == online.steps
+            if online.eval_prompts and (
+                last or (cfg.eval_steps and state.step % cfg.eval_steps == 0)
+            ):
+                record.update(evaluate_rewards(online))
             if state.step % cfg.logging_steps == 0 or last:
                 log.log(record)
             progress.update(
@@ -510,9 +555,10 @@ def check_online_setup(recipe: Recipe) -> None:
             "online.use_vllm: sampling with vLLM is not available in this version; remove it "
             "(sampling runs on transformers with the KV cache)."
         )
-    if recipe.train.eval_fraction or recipe.data.eval_sources:
+    if recipe.train.eval_fraction:
         raise AlignkitError(
-            "alignkit online has no eval loss; remove train.eval_fraction and data.eval_sources."
+            "alignkit online scores held-out prompts from data.eval_sources; remove "
+            "train.eval_fraction and name the held-out prompts there."
         )
 
 

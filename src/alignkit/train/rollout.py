@@ -68,21 +68,26 @@ def sample_rollouts(
     seed: int,
 ) -> list[Rollout]:
     """k sampled completions per prompt, prompt by prompt (the k of one prompt adjacent),
-    decoded as one left-padded batch with the KV cache."""
+    decoded as one left-padded batch with the KV cache; temperature 0 decodes greedily."""
     rows = [p for p in prompts for _ in range(settings.k)]
     ids, mask = left_pad(rows, pad_id)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    sampling = {"do_sample": False}  # temperature 0: greedy
+    if settings.temperature > 0:
+        sampling = {
+            "do_sample": True,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "top_k": settings.top_k or None,
+        }
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
-            do_sample=True,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k or None,
+            **sampling,
             max_new_tokens=settings.max_new_tokens,
             eos_token_id=stop_ids,
             pad_token_id=pad_id,
