@@ -120,3 +120,24 @@ def test_held_out_prompts_are_scored_before_and_after(tmp_path, peaky_model):
     assert [r["step"] for r in records if "eval_reward" in r] == [0, 2]
     assert all(r["eval_reward_se"] >= 0 for r in records if "eval_reward" in r)
     assert "eval_rewards/short_reward/mean" in records[0]
+
+
+def test_full_weights_kl_uses_a_frozen_copy_and_the_cli_runs(tmp_path, peaky_model):
+    from alignkit.cli import main
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    out = tmp_path / "cli"
+    argv = ["online", "--model", str(peaky_model), "--output-dir", str(out), "--beta", "0.1"]
+    settings = {
+        "data.sources": str(data),
+        "train.max_steps": 3,
+        "train.micro_batch_size": 2,
+        "train.learning_rate": 3e-2,
+        "online.num_generations": 4,
+        "online.max_completion_length": 6,
+        "online.rewards": "support:short_reward",
+    }
+    assert main(argv + [f"{k}={v}" for k, v in settings.items()]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the copy equals the start
+    assert records[-1]["kl"] > 0
