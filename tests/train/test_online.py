@@ -3,6 +3,7 @@ online DPO and the KL term run, metrics carry TRL's names."""
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import pytest
@@ -98,7 +99,9 @@ def test_online_dpo_and_grpo_with_kl_under_lora(tmp_path, peaky_model):
     )
     records = read_metrics(dpo / "metrics.jsonl")
     assert all(r["pairs"] + r["ties"] == 2 for r in records)  # two prompts per step
-    assert "rewards/margins" in records[0]
+    # step 1: the adapter is a no-op, so policy = reference and DPO's loss is log 2
+    assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     kl = train_online(
         recipe(
             tmp_path / "kl",
@@ -141,3 +144,18 @@ def test_full_weights_kl_uses_a_frozen_copy_and_the_cli_runs(tmp_path, peaky_mod
     records = read_metrics(out / "metrics.jsonl")
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the copy equals the start
     assert records[-1]["kl"] > 0
+
+
+def test_online_dpo_with_every_reward_tied_makes_no_update(tmp_path, peaky_model):
+    settings = {
+        "online.algorithm": "online_dpo",
+        "online.rewards": "length",
+        "online.length_target": 1000,  # every completion scores 0
+        "train.max_steps": 1,
+    }
+    out = train_online(recipe(tmp_path, peaky_model, **settings))
+    record = read_metrics(out / "metrics.jsonl")[0]
+    assert (record["pairs"], record["ties"]) == (0, 2) and "loss" not in record
+    start, end = load_file(peaky_model / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in start:
+        torch.testing.assert_close(start[name], end[name], rtol=0, atol=0)

@@ -165,6 +165,11 @@ def prepare_online(recipe: Recipe, console: Console | None, log: Log | None) -> 
     """Accelerator, output dir plan, prompts, rewards, policy, reference and optimizer."""
     device = resolve_device(recipe.model.device)
     accelerator = make_accelerator(recipe.train, device)
+    if accelerator.num_processes > 1:
+        raise AlignkitError(
+            "alignkit online runs in one process for now; launch it without accelerate "
+            "launch (or with --num_processes 1)."
+        )
     plan = plan_output_dir(recipe, "online")
     torch.manual_seed(recipe.train.seed)
     data, prompts, held, skipped = load_online_data(recipe)
@@ -353,14 +358,15 @@ def grpo_update(
 
 def online_dpo_update(
     online: OnlineRun, rollouts: list[Rollout], total: list[float]
-) -> tuple[float, dict[str, float]]:
-    """Best-vs-worst pairs trained with pref.loss; the step's loss is the mean over pairs."""
+) -> tuple[float | None, dict[str, float]]:
+    """Best-vs-worst pairs trained with pref.loss; the step's loss is the mean over pairs
+    (None, and no update, when every prompt's rewards tie)."""
     run = online.run
     recipe, acc = run.recipe, run.accelerator
     pairs, ties = best_worst_pairs(rollouts, total, recipe.online.num_generations)
     metrics: dict[str, float] = {"pairs": float(len(pairs)), "ties": float(ties)}
     if not pairs:
-        return float("nan"), metrics
+        return None, metrics
     names, weights = loss_plan(recipe.pref)
     score = None
     if needs_reference(names):
@@ -429,7 +435,7 @@ def train_step(online: OnlineRun, state: TrainState) -> dict[str, float]:
     record = {
         "step": state.step,
         "epoch": epoch,
-        "loss": loss,
+        **({} if loss is None else {"loss": loss}),
         "lr": lr,
         **reward_metrics(scores, total, k),
         **completion_metrics(rollouts),
