@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from alignkit.data.tokenize import TokenizedPair
@@ -76,9 +77,13 @@ def reference_logps(model, rollout):
     return logps[start : start + len(targets)].gather(1, targets[:, None])[:, 0]
 
 
-def test_rollout_batch_scores_each_completion_token_like_a_plain_forward():
-    """Padding-free (completions two by two on a shared prompt, an odd one alone) and
-    padded layouts give each completion token the log-prob of a forward of its own."""
+@pytest.mark.parametrize(
+    ("padding_free", "share_all"), [(True, True), (True, False), (False, False)]
+)
+def test_rollout_batch_scores_each_completion_token_like_a_plain_forward(padding_free, share_all):
+    """Padding-free (all of a prompt's completions on one copy of it, or two by two with
+    an odd one alone) and padded layouts give each completion token the log-prob of a
+    forward of its own."""
     model = tiny_causal_lm(seed=1)
     rollouts = [
         Rollout(0, [1, 5, 6], [7, 8, STOP], True),
@@ -86,17 +91,20 @@ def test_rollout_batch_scores_each_completion_token_like_a_plain_forward():
         Rollout(0, [1, 5, 6], [4, 4, 4, 4], False),
         Rollout(1, [1, 11], [12, STOP], True),
         Rollout(1, [1, 11], [13, 14, 15], False),
+        Rollout(2, [1, 16, 17], [18, STOP], True),
     ]
     with torch.no_grad():
-        for padding_free in (True, False):
-            batch = rollout_batch(rollouts, pad_id=0, padding_free=padding_free)
-            values, mask = per_completion(token_logps(model, batch, 0), batch, len(rollouts))
-            for i, r in enumerate(rollouts):
-                n = len(r.completion_ids)
-                assert mask[i].tolist() == [True] * n + [False] * (mask.shape[1] - n)
-                torch.testing.assert_close(
-                    values[i, :n], reference_logps(model, r), atol=1e-5, rtol=0
-                )
+        batch = rollout_batch(rollouts, 0, padding_free, share_all)
+        values, mask = per_completion(token_logps(model, batch, 0), batch, len(rollouts))
+    if share_all:  # each prompt once; a branch after the first repeats its last token
+        prompt_tokens = sum(len(p) for p in ([1, 5, 6], [1, 11], [1, 16, 17]))
+        completion_tokens = sum(len(r.completion_ids) for r in rollouts)
+        repeats = 2 + 1  # groups of 3 and 2 completions (the lone one needs none)
+        assert batch.input_ids.shape[1] == prompt_tokens + completion_tokens + repeats
+    for i, r in enumerate(rollouts):
+        n = len(r.completion_ids)
+        assert mask[i].tolist() == [True] * n + [False] * (mask.shape[1] - n)
+        torch.testing.assert_close(values[i, :n], reference_logps(model, r), atol=1e-5, rtol=0)
 
 
 def test_best_vs_worst_pairs_skip_ties_with_a_count():

@@ -10,7 +10,8 @@ samples `online.num_generations` completions of each from the current policy
   `pref.loss` (any pair loss); prompts whose k rewards tie give no pair (counted).
 
 The reference is the policy with its adapter off (LoRA), else a frozen copy. The
-training forward is the offline stages' one (padding-free rows, chunked log-probs).
+training forward is the offline stages' one (padding-free rows, chunked log-probs),
+with the k completions of a prompt as branches on one copy of it.
 Gradients of a step are the sum over its micro-batches divided by the step's
 normaliser, so accumulation gives the loss of the whole step.
 """
@@ -42,6 +43,7 @@ from alignkit.losses.grpo import GrpoParams, group_advantages, loss_sums, token_
 from alignkit.losses.preference import needs_reference
 from alignkit.models import load_tokenizer, resolve_device
 from alignkit.rewards import NamedReward, Prompt, build_rewards, score_all, weighted_sum
+from alignkit.train.attention import base_model
 from alignkit.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from alignkit.train.logps import token_logps
 from alignkit.train.loop import MetricsLog
@@ -302,13 +304,20 @@ def reference_token_logps(online: OnlineRun, batch: Any, chunk: int) -> torch.Te
         return token_logps(model, batch, chunk)
 
 
+def one_prompt_copy(model: Any) -> bool:
+    """Whether all k completions may share one copy of their prompt (full attention; the
+    band of a sliding window is built for two branches, so those go two at a time)."""
+    return not getattr(base_model(model).config, "sliding_window", None)
+
+
 def grpo_micro_batch(
     online: OnlineRun, rollouts: list[Rollout], advantages: torch.Tensor, params: GrpoParams
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Numerator and denominator of one micro-batch's loss, and its metric sums over tokens."""
     run, n = online.run, len(rollouts)
     cfg, device = run.recipe.train, run.accelerator.device
-    batch = rollout_batch(rollouts, run.data.tokenizer.pad_token_id, cfg.padding_free).to(device)
+    pad = run.data.tokenizer.pad_token_id
+    batch = rollout_batch(rollouts, pad, cfg.padding_free, one_prompt_copy(run.model)).to(device)
     logps, mask = per_completion(token_logps(run.model, batch, cfg.logps_chunk), batch, n)
     ref = None
     if params.beta != 0.0:

@@ -17,6 +17,7 @@ import torch
 
 from alignkit.data.batching import (
     IGNORE,
+    Segment,
     SequenceBatch,
     completion_segment,
     flat_batch_of,
@@ -106,13 +107,54 @@ def sample_rollouts(
 # ---------------------------------------------------------------- training batches
 
 
-def rollout_batch(rollouts: list[Rollout], pad_id: int, padding_free: bool) -> SequenceBatch:
-    """Every completion scored in slot = its index. Padding-free: completions of one prompt
-    two at a time as two branches of one block, so their prompt is computed once per pair
-    (`batching.shared_pair_segment`); else one right-padded row per completion."""
+def group_segment(group: list[Rollout], first_slot: int) -> Segment:
+    """[prompt[:-1] | prompt[-1] c_1 | prompt[-1] c_2 | ... ]: one block whose k branches
+    share one copy of the prompt. Branch 1 is the block's causal head; branches 2..k are
+    its tail, each seeing the shared part and itself (block-diagonal causal mask), their
+    positions all continuing from the shared part's end."""
+    prompt = group[0].prompt_ids
+    if len(group) == 1:
+        return completion_segment((prompt, group[0].completion_ids, None), first_slot)
+    shared, last = prompt[:-1], prompt[-1]
+    s = len(shared)
+    ids, labels, owner, positions = list(shared), [IGNORE] * s, [-1] * s, list(range(s))
+    lengths = []
+    for slot, r in enumerate(group, start=first_slot):
+        n = len(r.completion_ids) + 1
+        ids += [last, *r.completion_ids]
+        labels += [IGNORE, *r.completion_ids]
+        owner += [-1] + [slot] * (n - 1)
+        positions += list(range(s, s + n))
+        lengths.append(n)
+    second = s + lengths[0]
+    tail = len(ids) - second
+    mask = torch.zeros(tail, s + tail, dtype=torch.bool)
+    mask[:, :s] = True
+    start = 0
+    for n in lengths[1:]:
+        mask[start : start + n, s + start : s + start + n] = torch.tril(
+            torch.ones(n, n, dtype=torch.bool)
+        )
+        start += n
+    return Segment(ids, labels, owner, positions, s, second, mask)
+
+
+def rollout_batch(
+    rollouts: list[Rollout], pad_id: int, padding_free: bool, share_all: bool = False
+) -> SequenceBatch:
+    """Every completion scored in slot = its index. Padding-free: with `share_all`, all
+    completions of a prompt as branches of one block on one copy of the prompt
+    (`group_segment`; needs full attention: a sliding window's band assumes two
+    branches); else two at a time (`batching.shared_pair_segment`), the prompt computed
+    once per pair. Not padding-free: one right-padded row per completion."""
     n = len(rollouts)
     if not padding_free:
         return sequence_batch([(r.prompt_ids, r.completion_ids, None) for r in rollouts], n, pad_id)
+    if share_all:
+        starts = [i for i in range(n) if i == 0 or rollouts[i].group != rollouts[i - 1].group]
+        ends = [*starts[1:], n]
+        segments = [group_segment(rollouts[a:b], a) for a, b in zip(starts, ends, strict=True)]
+        return flat_batch_of(segments, n)
     segments, slots = [], []
     i = 0
     while i < n:
