@@ -43,7 +43,8 @@ def test_online_stage_runs_then_merges_and_cards(tmp_path, peaky_model):
     records = read_metrics(tmp_path / "run" / "online" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2] and "rewards/length/mean" in records[0]
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
-    assert (tmp_path / "run" / "card" / "README.md").is_file()
+    card = (tmp_path / "run" / "card" / "README.md").read_text()
+    assert "on-policy GRPO (k=2; reward length)" in card
 
 
 def test_online_after_an_adapter_needs_a_merge(tmp_path, peaky_model):
