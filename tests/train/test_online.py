@@ -9,19 +9,13 @@ import statistics
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import make_tiny_llama, write_jsonl
+from support import write_jsonl
 
 from alignkit.config import load_recipe
 from alignkit.rundir import read_metrics
 from alignkit.train.online import train_online
 
 PROMPTS = [{"prompt": f"Write something about item {i}."} for i in range(8)]
-
-
-@pytest.fixture(scope="module")
-def peaky_model(smol_tokenizer, tmp_path_factory):
-    """Sharp next-token distributions, so a few dozen samples per step carry a signal."""
-    return make_tiny_llama(smol_tokenizer, tmp_path_factory.mktemp("peaky"), init_std=1.0)
 
 
 def recipe(tmp_path, model_dir, **settings):
@@ -44,8 +38,8 @@ def recipe(tmp_path, model_dir, **settings):
     return load_recipe(None, [(k, str(v)) for k, v in overrides.items()])
 
 
-def test_grpo_raises_a_learnable_reward(tmp_path, peaky_model):
-    out = train_online(recipe(tmp_path, peaky_model, **{"train.max_steps": 24}))
+def test_grpo_raises_a_learnable_reward(tmp_path, peaky_model_dir):
+    out = train_online(recipe(tmp_path, peaky_model_dir, **{"train.max_steps": 24}))
     rewards = [r["reward"] for r in read_metrics(out / "metrics.jsonl")]
     assert len(rewards) == 24
     first, last = statistics.fmean(rewards[:5]), statistics.fmean(rewards[-5:])
@@ -53,8 +47,8 @@ def test_grpo_raises_a_learnable_reward(tmp_path, peaky_model):
     assert (out / "training_curves.png").is_file() and (out / "run_info.json").is_file()
 
 
-def test_metrics_have_trl_names(tmp_path, peaky_model):
-    out = train_online(recipe(tmp_path, peaky_model, **{"train.max_steps": 1}))
+def test_metrics_have_trl_names(tmp_path, peaky_model_dir):
+    out = train_online(recipe(tmp_path, peaky_model_dir, **{"train.max_steps": 1}))
     record = read_metrics(out / "metrics.jsonl")[0]
     for key in (
         "loss",
@@ -72,13 +66,13 @@ def test_metrics_have_trl_names(tmp_path, peaky_model):
     assert record["clip_ratio/region_mean"] == 0  # one update per sample: the ratio is 1
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path, peaky_model):
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, peaky_model_dir):
     """Two steps, then a resume to four: the same samples, rewards and final weights as
     four steps at once (sampling is seeded by step, the rest comes from the checkpoint)."""
-    full = train_online(recipe(tmp_path / "a", peaky_model))
-    first = recipe(tmp_path / "b", peaky_model, **{"train.max_steps": 2})
+    full = train_online(recipe(tmp_path / "a", peaky_model_dir))
+    first = recipe(tmp_path / "b", peaky_model_dir, **{"train.max_steps": 2})
     train_online(first)
-    rest = recipe(tmp_path / "b", peaky_model, **{"train.resume": "auto"})
+    rest = recipe(tmp_path / "b", peaky_model_dir, **{"train.resume": "auto"})
     resumed = train_online(rest)
     keys = ("reward", "loss", "completions/mean_length")
     expected = [[r[k] for k in keys] for r in read_metrics(full / "metrics.jsonl")]
@@ -89,11 +83,11 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, peaky_model):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
 
 
-def test_online_dpo_and_grpo_with_kl_under_lora(tmp_path, peaky_model):
+def test_online_dpo_and_grpo_with_kl_under_lora(tmp_path, peaky_model_dir):
     dpo = train_online(
         recipe(
             tmp_path / "dpo",
-            peaky_model,
+            peaky_model_dir,
             **{"online.algorithm": "online_dpo", "model.adapter": "lora", "train.max_steps": 2},
         )
     )
@@ -105,7 +99,7 @@ def test_online_dpo_and_grpo_with_kl_under_lora(tmp_path, peaky_model):
     kl = train_online(
         recipe(
             tmp_path / "kl",
-            peaky_model,
+            peaky_model_dir,
             **{"online.beta": 0.1, "model.adapter": "lora", "train.max_steps": 3},
         )
     )
@@ -114,10 +108,10 @@ def test_online_dpo_and_grpo_with_kl_under_lora(tmp_path, peaky_model):
     assert records[-1]["kl"] > 0
 
 
-def test_held_out_prompts_are_scored_before_and_after(tmp_path, peaky_model):
+def test_held_out_prompts_are_scored_before_and_after(tmp_path, peaky_model_dir):
     held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"Say {w}."} for w in "abc"])
     out = train_online(
-        recipe(tmp_path, peaky_model, **{"data.eval_sources": str(held), "train.max_steps": 2})
+        recipe(tmp_path, peaky_model_dir, **{"data.eval_sources": str(held), "train.max_steps": 2})
     )
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records if "eval_reward" in r] == [0, 2]
@@ -125,12 +119,12 @@ def test_held_out_prompts_are_scored_before_and_after(tmp_path, peaky_model):
     assert "eval_rewards/short_reward/mean" in records[0]
 
 
-def test_full_weights_kl_uses_a_frozen_copy_and_the_cli_runs(tmp_path, peaky_model):
+def test_full_weights_kl_uses_a_frozen_copy_and_the_cli_runs(tmp_path, peaky_model_dir):
     from alignkit.cli import main
 
     data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     out = tmp_path / "cli"
-    argv = ["online", "--model", str(peaky_model), "--output-dir", str(out), "--beta", "0.1"]
+    argv = ["online", "--model", str(peaky_model_dir), "--output-dir", str(out), "--beta", "0.1"]
     settings = {
         "data.sources": str(data),
         "train.max_steps": 3,
@@ -146,16 +140,29 @@ def test_full_weights_kl_uses_a_frozen_copy_and_the_cli_runs(tmp_path, peaky_mod
     assert records[-1]["kl"] > 0
 
 
-def test_online_dpo_with_every_reward_tied_makes_no_update(tmp_path, peaky_model):
+def test_online_dpo_with_every_reward_tied_makes_no_update(tmp_path, peaky_model_dir):
     settings = {
         "online.algorithm": "online_dpo",
         "online.rewards": "length",
         "online.length_target": 1000,  # every completion scores 0
         "train.max_steps": 1,
     }
-    out = train_online(recipe(tmp_path, peaky_model, **settings))
+    out = train_online(recipe(tmp_path, peaky_model_dir, **settings))
     record = read_metrics(out / "metrics.jsonl")[0]
     assert (record["pairs"], record["ties"]) == (0, 2) and "loss" not in record
-    start, end = load_file(peaky_model / "model.safetensors"), load_file(out / "model.safetensors")
+    start, end = (
+        load_file(peaky_model_dir / "model.safetensors"),
+        load_file(out / "model.safetensors"),
+    )
     for name in start:
         torch.testing.assert_close(start[name], end[name], rtol=0, atol=0)
+
+
+def test_epochs_count_whole_steps_and_too_few_prompts_are_named(tmp_path, peaky_model_dir):
+    from alignkit.errors import AlignkitError
+    from alignkit.train.online import online_steps
+
+    r = recipe(tmp_path, peaky_model_dir, **{"train.max_steps": 0, "train.epochs": 2})
+    assert online_steps(r, 9) == 8  # 4 whole steps of 2 prompts per epoch, the 9th dropped
+    with pytest.raises(AlignkitError, match="Only 1 prompts: fewer than one step of 2"):
+        online_steps(r, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from support import make_tiny_llama, write_jsonl
+from support import write_jsonl
 
 from alignkit.errors import AlignkitError
 from alignkit.rundir import read_metrics
@@ -27,14 +27,9 @@ def write_recipe(tmp_path, model_dir, stages):
     return path
 
 
-@pytest.fixture(scope="module")
-def peaky_model(smol_tokenizer, tmp_path_factory):
-    return make_tiny_llama(smol_tokenizer, tmp_path_factory.mktemp("peaky"), init_std=1.0)
-
-
-def test_online_stage_runs_then_merges_and_cards(tmp_path, peaky_model):
+def test_online_stage_runs_then_merges_and_cards(tmp_path, peaky_model_dir):
     stages = [{"stage": "online"}, {"stage": "merge", "id": "final"}, {"stage": "card"}]
-    path = write_recipe(tmp_path, peaky_model, stages)
+    path = write_recipe(tmp_path, peaky_model_dir, stages)
     workflow = load_workflow(path)
     notes = validate(workflow)
     assert "online: 4 prompts" in notes
@@ -47,7 +42,7 @@ def test_online_stage_runs_then_merges_and_cards(tmp_path, peaky_model):
     assert "on-policy GRPO (k=2; reward length)" in card
 
 
-def test_online_after_an_adapter_needs_a_merge(tmp_path, peaky_model):
-    path = write_recipe(tmp_path, peaky_model, [{"stage": "online"}, {"stage": "online"}])
+def test_online_after_an_adapter_needs_a_merge(tmp_path, peaky_model_dir):
+    path = write_recipe(tmp_path, peaky_model_dir, [{"stage": "online"}, {"stage": "online"}])
     with pytest.raises(AlignkitError, match=r"\(online\) would train on 'online', a LoRA adapter"):
         load_workflow(path)

@@ -112,9 +112,17 @@ def prompts_per_step(recipe: Recipe) -> int:
 
 
 def online_steps(recipe: Recipe, n_prompts: int) -> int:
+    """train.max_steps, else the whole steps of train.epochs (an epoch's incomplete tail
+    is dropped, as offline); an error when the prompts cannot fill one step."""
+    per_step = prompts_per_step(recipe)
+    if n_prompts < per_step:
+        raise AlignkitError(
+            f"Only {n_prompts} prompts: fewer than one step of {per_step} (train."
+            "micro_batch_size x train.gradient_accumulation_steps). Lower those or add prompts."
+        )
     if recipe.train.max_steps > 0:
         return recipe.train.max_steps
-    return math.ceil(n_prompts / prompts_per_step(recipe)) * recipe.train.epochs
+    return n_prompts // per_step * recipe.train.epochs
 
 
 def tokenize_prompts(
