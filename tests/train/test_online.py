@@ -166,3 +166,22 @@ def test_epochs_count_whole_steps_and_too_few_prompts_are_named(tmp_path, peaky_
     assert online_steps(r, 9) == 8  # 4 whole steps of 2 prompts per epoch, the 9th dropped
     with pytest.raises(AlignkitError, match="Only 1 prompts: fewer than one step of 2"):
         online_steps(r, 1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"online.num_generations": 1}, "online.num_generations must be at least 2"),
+        ({"online.temperature": 0}, "online.temperature must be above 0"),
+        ({"online.algorithm": "online_dpo", "pref.loss": "kto"}, "online_dpo trains on"),
+        ({"online.use_vllm": True}, "vLLM is not available"),
+        ({"train.eval_fraction": 0.1}, "data.eval_sources"),
+    ],
+)
+def test_settings_that_cannot_run_are_refused_before_any_work(tmp_path, settings, message):
+    from alignkit.errors import AlignkitError
+
+    r = recipe(tmp_path, tmp_path / "no-model-needed", **settings)
+    with pytest.raises(AlignkitError, match=message):
+        train_online(r)
+    assert not (tmp_path / "out").exists()
