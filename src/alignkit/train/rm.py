@@ -30,7 +30,7 @@ from alignkit.console import captured, live_progress, say, terminal
 from alignkit.data.formats import PreferencePair, _as_messages
 from alignkit.data.sources import load_mixture, read_records
 from alignkit.errors import AlignkitError
-from alignkit.models import load_tokenizer, resolve, resolve_device
+from alignkit.models import load_tokenizer, resolve, resolve_device, resolve_dtype
 from alignkit.plots import plot_curves
 from alignkit.rewards.base import Prompt
 from alignkit.rewards.model import RewardModel, last_token_scores, rm_ids
@@ -62,7 +62,10 @@ def load_rm_model(recipe: Recipe, pad_id: int, vocab: int) -> Any:
             "alignkit rm trains full weights or LoRA; set model.adapter to none or lora."
         )
     path = resolve(recipe.model.name_or_path).path
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    device = resolve_device(recipe.model.device)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=resolve_dtype(recipe.model.dtype, device)
+    )
     if model.get_input_embeddings().weight.shape[0] < vocab:
         model.resize_token_embeddings(vocab, mean_resizing=False)
     model.config.pad_token_id = pad_id
@@ -80,7 +83,7 @@ def load_rm_model(recipe: Recipe, pad_id: int, vocab: int) -> Any:
             else "all-linear",
         )
         model = get_peft_model(model, lora)
-    return model.to(resolve_device(recipe.model.device))
+    return model.to(device)
 
 
 def pair_loss(model: Any, pairs: list[RmPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,8 +133,8 @@ def train_rm(recipe: Recipe, console: Console | None = None) -> Path:
         torch.manual_seed(cfg.seed)
         pad = tokenizer.pad_token_id
         model = load_rm_model(recipe, pad, len(tokenizer))
-        per_epoch = len(train) // cfg.micro_batch_size
-        steps = cfg.max_steps or per_epoch * cfg.epochs
+        per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps
+        steps = cfg.max_steps or max(1, len(train) // per_step) * cfg.epochs
         optimizer, scheduler = make_optimizer(model, cfg, steps)
         out = open_output_dir(plan)
         log.attach(out / rundir.LOG)
@@ -168,13 +171,17 @@ def rm_loop(
     with live_progress(console=console) as progress:
         task = progress.add_task("rm", total=steps)
         for step in range(steps):
-            epoch, position = divmod(step, per_epoch)
-            seed = cfg.seed * 1_000_003 + epoch
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-            batch = [train[i] for i in order[position * size : (position + 1) * size].tolist()]
             started = time.perf_counter()
-            losses, hits = pair_loss(model, batch, pad)
-            losses.mean().backward()
+            accum = cfg.gradient_accumulation_steps
+            losses, hits = [], []
+            for micro in range(step * accum, (step + 1) * accum):
+                loss, hit = pair_loss(
+                    model, micro_batch(train, micro, per_epoch, size, cfg.seed), pad
+                )
+                (loss.sum() / (size * accum)).backward()  # the mean over the step's pairs
+                losses.append(loss.detach())
+                hits.append(hit)
+            losses, hits = torch.cat(losses), torch.cat(hits)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
@@ -195,6 +202,16 @@ def rm_loop(
             records.append(record)
             progress.update(task, completed=step + 1)
     return records
+
+
+def micro_batch(
+    train: list[RmPair], index: int, per_epoch: int, size: int, seed: int
+) -> list[RmPair]:
+    """Micro-batch `index` of the run: its epoch's seeded order, an epoch's tail dropped."""
+    epoch, position = divmod(index, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(train), generator=generator)
+    return [train[i] for i in order[position * size : (position + 1) * size].tolist()]
 
 
 def save_rm(
