@@ -107,6 +107,24 @@ def test_rollout_batch_scores_each_completion_token_like_a_plain_forward(padding
         torch.testing.assert_close(values[i, :n], reference_logps(model, r), atol=1e-5, rtol=0)
 
 
+def test_two_per_copy_keeps_a_sliding_window_exact():
+    """Mistral's window (6 tokens, tests/families.py) is shorter than these sequences: the
+    two-branch blocks it gets reproduce each completion's own forward."""
+    from families import tiny_model
+
+    from alignkit.train.online import one_prompt_copy
+
+    model = tiny_model("mistral")
+    assert not one_prompt_copy(model)
+    prompt = [1, 5, 6, 7, 8, 9, 10]
+    rollouts = [Rollout(0, prompt, [11 + i, 12, 13, 14, 15, STOP], True) for i in range(3)]
+    with torch.no_grad():
+        batch = rollout_batch(rollouts, 0, padding_free=True)
+        values, _ = per_completion(token_logps(model, batch, 0), batch, len(rollouts))
+    for i, r in enumerate(rollouts):
+        torch.testing.assert_close(values[i], reference_logps(model, r), atol=1e-5, rtol=0)
+
+
 def test_best_vs_worst_pairs_skip_ties_with_a_count():
     p = [1, 2]
     rollouts = [Rollout(g, p, [10 + 3 * g + i], True) for g in range(3) for i in range(3)]

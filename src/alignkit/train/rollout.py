@@ -22,7 +22,6 @@ from alignkit.data.batching import (
     completion_segment,
     flat_batch_of,
     sequence_batch,
-    shared_pair_segment,
 )
 from alignkit.data.tokenize import TokenizedPair
 from alignkit.serve.batch import left_pad
@@ -142,50 +141,22 @@ def group_segment(group: list[Rollout], first_slot: int) -> Segment:
 def rollout_batch(
     rollouts: list[Rollout], pad_id: int, padding_free: bool, share_all: bool = False
 ) -> SequenceBatch:
-    """Every completion scored in slot = its index. Padding-free: with `share_all`, all
-    completions of a prompt as branches of one block on one copy of the prompt
-    (`group_segment`; needs full attention: a sliding window's band assumes two
-    branches); else two at a time (`batching.shared_pair_segment`), the prompt computed
-    once per pair. Not padding-free: one right-padded row per completion."""
+    """Every completion scored in slot = its index. Padding-free: a prompt's completions
+    as branches of blocks on a copy of the prompt (`group_segment`), all of them on one
+    copy with `share_all`, else two per copy (the band of a sliding window is built for
+    two branches, as preference pairs have). Not padding-free: one right-padded row per
+    completion."""
     n = len(rollouts)
     if not padding_free:
         return sequence_batch([(r.prompt_ids, r.completion_ids, None) for r in rollouts], n, pad_id)
-    if share_all:
-        starts = [i for i in range(n) if i == 0 or rollouts[i].group != rollouts[i - 1].group]
-        ends = [*starts[1:], n]
-        segments = [group_segment(rollouts[a:b], a) for a, b in zip(starts, ends, strict=True)]
-        return flat_batch_of(segments, n)
-    segments, slots = [], []
-    i = 0
-    while i < n:
-        a = rollouts[i]
-        b = rollouts[i + 1] if i + 1 < n and rollouts[i + 1].group == a.group else None
-        if b is None:
-            segments.append(completion_segment((a.prompt_ids, a.completion_ids, None), 0))
-            slots.append((i,))
-            i += 1
-        else:
-            pair = TokenizedPair(a.prompt_ids, a.completion_ids, b.completion_ids)
-            segments.append(shared_pair_segment(pair, 0, 1))  # owners 0 (a) and 1 (b)
-            slots.append((i, i + 1))
-            i += 2
-    batch = flat_batch_of(segments, n)
-    batch.owner = owners_to_slots(batch.owner, [len(s.ids) for s in segments], slots)
-    return batch
-
-
-def owners_to_slots(
-    owner: torch.Tensor, lengths: list[int], slots: list[tuple[int, ...]]
-) -> torch.Tensor:
-    """Rewrite each segment's local owners (0, 1) to its completions' indices."""
-    out = owner.clone()
-    start = 0
-    for length, mine in zip(lengths, slots, strict=True):
-        span = owner[0, start : start + length]
-        for local, slot in enumerate(mine):
-            out[0, start : start + length][span == local] = slot
-        start += length
-    return out
+    starts = [i for i in range(n) if i == 0 or rollouts[i].group != rollouts[i - 1].group]
+    width = n if share_all else 2
+    segments = [
+        group_segment(rollouts[i : min(i + width, end)], i)
+        for start, end in zip(starts, [*starts[1:], n], strict=True)
+        for i in range(start, end, width)
+    ]
+    return flat_batch_of(segments, n)
 
 
 def per_completion(
