@@ -24,3 +24,10 @@ def smol_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(smol_tokenizer, tmp_path_factory) -> Path:
     return make_tiny_llama(smol_tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def peaky_model_dir(smol_tokenizer, tmp_path_factory) -> Path:
+    """A tiny Llama with sharp next-token distributions: a few dozen samples per step of
+    on-policy training carry a signal (alignkit online tests)."""
+    return make_tiny_llama(smol_tokenizer, tmp_path_factory.mktemp("peaky-llama"), init_std=1.0)

@@ -153,3 +153,8 @@ def published_template(smol_tokenizer, name: str):
     tokenizer = copy.deepcopy(smol_tokenizer)
     tokenizer.add_special_tokens(PUBLISHED_TOKENS[name])
     return resolve_template(str(TEMPLATES / f"{name}.jinja"), tokenizer), tokenizer
+
+
+def short_reward(prompts, completions):
+    """A toy reward a tiny model learns in a few dozen steps: shorter text scores higher."""
+    return [-len(c) / 40 for c in completions]

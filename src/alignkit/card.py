@@ -39,6 +39,10 @@ class TrainingRecord:
     def method(self) -> str:
         if self.info["stage"] == "sft":
             return "SFT"
+        if self.info["stage"] == "online":
+            online = self.recipe.online
+            name = "GRPO" if online.algorithm == "grpo" else "online DPO"
+            return f"on-policy {name} (k={online.num_generations}; reward {' + '.join(online.rewards)})"
         return "preference (" + " + ".join(self.recipe.pref.loss) + ")"
 
 

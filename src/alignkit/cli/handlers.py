@@ -58,6 +58,25 @@ def cmd_pref(args: argparse.Namespace, extra: list[str]) -> None:
     train_pref(_recipe(args, extra))
 
 
+def cmd_online(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.train.online import train_online
+
+    train_online(_recipe(args, extra, "online"))
+
+
+def cmd_rm(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.train.rm import train_rm
+
+    train_rm(_recipe(args, extra, "rm"))
+
+
+def cmd_rm_score(args: argparse.Namespace, extra: list[str]) -> None:
+    from alignkit.train.rm import score_file
+
+    out = score_file(args.model, Path(args.file), _recipe(args, extra, "rm"))
+    print(f"scores written to {out}")
+
+
 def cmd_merge(args: argparse.Namespace, extra: list[str]) -> None:
     from alignkit.merge import merge_adapter
 

@@ -151,6 +151,16 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "generation.repetition_penalty": _above(0),
     "generation.seed": _within(0, 2**64 - 1),
     "eval.max_gen_toks": _at_least(1),
+    "online.num_generations": _at_least(2),
+    "online.max_completion_length": _at_least(1),
+    "online.temperature": _above(0),
+    "online.top_p": _within(0, 1),
+    "online.top_k": _at_least(0),
+    "online.length_target": _at_least(1),
+    "online.beta": _at_least(0),
+    "online.epsilon": _at_least(0),
+    "online.epsilon_high": _at_least(0),
+    "rm.eval_fraction": _within(0, 1, high_open=True),
 }
 
 
@@ -195,8 +205,27 @@ def check_lengths(recipe: Recipe) -> None:
 
 COMMON = (check_ranges, check_lengths)
 
+
+def check_online(recipe: Recipe) -> None:
+    """Online DPO trains on pairs: its pref.loss must be a pair loss with sane values."""
+    from alignkit.losses.preference import FEEDBACK_LOSSES
+
+    if recipe.online.algorithm != "online_dpo":
+        return
+    names, _ = loss_plan(recipe.pref)
+    if names[0] in FEEDBACK_LOSSES:
+        raise AlignkitError(
+            "online_dpo trains on best-vs-worst pairs; pref.loss kto needs unpaired feedback. "
+            "Use a pair loss such as sigmoid or apo_zero."
+        )
+    problems = loss_value_problems(names, recipe.pref)
+    if problems:
+        raise AlignkitError(" ".join(problems))
+
+
 RULES: dict[str, tuple[Callable[[Recipe], None], ...]] = {
     "pref": (check_pref,),
+    "online": (check_online,),
     "eval": (check_eval,),
 }
 

@@ -194,6 +194,58 @@ class PrefConfig:
 
 
 @dataclass
+class OnlineConfig:
+    algorithm: Literal["grpo", "online_dpo"] = opt(
+        "grpo",
+        "On-policy method: grpo (group-normalised advantages, clipped ratio) or online_dpo "
+        "(best vs worst of the k samples as a pair, trained with pref.loss).",
+    )
+    num_generations: int = opt(4, "Completions sampled per prompt each step (k; TRL's name).")
+    max_completion_length: int = opt(64, "Most tokens sampled per completion.")
+    temperature: float = opt(1.0, "Sampling temperature (above 0).")
+    top_p: float = opt(1.0, "Nucleus sampling probability mass.")
+    top_k: int = opt(0, "Sample among the k most likely tokens; 0 = no limit.")
+    rewards: list[str] = opt(
+        help="Reward functions, summed with reward_weights: ifeval (the prompt's instruction "
+        "checks), gsm8k (final number equals the row's answer), length (words beyond "
+        "length_target, negative), model:DIR (a trained reward model), or a user function "
+        "as module.path:function.",
+        factory=lambda: ["ifeval"],
+    )
+    reward_weights: list[float] = opt(
+        help="One weight per reward function; empty = 1 for each.", factory=list
+    )
+    length_target: int = opt(100, "Words a completion may use before the length reward falls.")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = opt(
+        "dapo",
+        "GRPO token averaging (TRL's names): grpo = mean per sequence, then over sequences; "
+        "bnpo = over the micro-batch's tokens; dapo = over the step's tokens; dr_grpo = sum "
+        "over (sequences x max_completion_length).",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = opt(
+        "group",
+        "Divide advantages by the reward std of the group, of the whole batch, or not at all "
+        "(Dr. GRPO).",
+    )
+    beta: float = opt(0.0, "GRPO KL coefficient to the reference (k3 estimator); 0 = no KL term.")
+    epsilon: float = opt(0.2, "GRPO lower clipping bound of the ratio: 1 - epsilon.")
+    epsilon_high: float | None = opt(
+        None, "GRPO upper clipping bound 1 + epsilon_high (DAPO); empty = epsilon."
+    )
+    use_vllm: bool = opt(
+        False, "Sample with vLLM (needs vllm installed and a CUDA GPU); else transformers."
+    )
+
+
+@dataclass
+class RmConfig:
+    eval_fraction: float = opt(0.1, "Held-out fraction of the pairs for the eval accuracy.")
+    score_file: str | None = opt(
+        None, "Where `alignkit rm score` writes the scored rows; empty = FILE.scored.jsonl."
+    )
+
+
+@dataclass
 class GenerationConfig:
     max_new_tokens: int = opt(256, "Most tokens generated per answer.")
     temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.")
@@ -246,4 +298,9 @@ class Recipe:
     train: TrainConfig = opt(help="Training loop.", factory=TrainConfig)
     pref: PrefConfig = opt(help="Preference optimization.", factory=PrefConfig)
     generation: GenerationConfig = opt(help="Text generation.", factory=GenerationConfig)
+    online: OnlineConfig = opt(
+        help="On-policy training (alignkit online): sampling, rewards, GRPO / online DPO.",
+        factory=OnlineConfig,
+    )
+    rm: RmConfig = opt(help="Reward model training (alignkit rm).", factory=RmConfig)
     eval: EvalConfig = opt(help="Benchmark evaluation (lm-evaluation-harness).", factory=EvalConfig)

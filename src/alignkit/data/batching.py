@@ -232,6 +232,7 @@ class Segment:
     positions: list[int]
     shared: int = 0
     second: int | None = None
+    tail: torch.Tensor | None = None  # the tail's mask when not `tail_mask`'s (see Block)
 
 
 def completion_segment(sequence: Sequence, slot: int) -> Segment:
@@ -285,7 +286,11 @@ def flat_row(segments: list[Segment]) -> tuple[list[torch.Tensor], list[Block]]:
         if seg.second is None:
             blocks.append(Block(start, end))
         else:
-            mask = tail_mask(seg.shared, len(seg.ids) - seg.second)
+            mask = (
+                seg.tail
+                if seg.tail is not None
+                else tail_mask(seg.shared, end - start - seg.second)
+            )
             blocks.append(Block(start, end, seg.shared, start + seg.second, mask))
     return [torch.tensor([c], dtype=torch.long) for c in columns], blocks
 
@@ -317,7 +322,7 @@ def with_kl_completions(
     A single row takes the first of `spare` (the other split); a single row in all is an
     error, as it has no other completion to pair with.
     """
-    donors = rows if len(rows) > 1 else rows + spare
+    donors = list(rows) if len(rows) > 1 else list(rows) + list(spare)
     if len(donors) == 1:
         raise AlignkitError(
             "KTO scores each prompt with another row's completion for its KL estimate, and "

@@ -58,6 +58,8 @@ EVAL_FIGURES = (
     ("eval_loss", "eval loss"),
     ("eval_rewards/accuracies", "eval reward accuracy"),
     ("eval_rewards/margins", "eval margin"),
+    ("reward", "reward"),
+    ("eval_reward", "held-out reward"),
 )
 
 

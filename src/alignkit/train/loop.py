@@ -164,7 +164,7 @@ def _step_sums(parts: LoopParts, batches: list[Any]) -> tuple[float, dict[str, f
     local = [sum(getattr(b, key) for b in batches) for key in keys]
     totals = acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum")
     count, trained_tokens, input_tokens = totals.tolist()
-    scale = acc.num_processes * acc.gradient_accumulation_steps / max(count, 1)
+    scale = acc.num_processes / max(count, 1)
     # Accelerate syncs when its micro-batch counter reaches a multiple of the accumulation
     # count: start it so that happens on this step's last micro-batch
     acc.step = acc.gradient_accumulation_steps - len(batches)
@@ -172,7 +172,7 @@ def _step_sums(parts: LoopParts, batches: list[Any]) -> tuple[float, dict[str, f
     for batch in batches:
         with acc.accumulate(model), acc.autocast():
             loss_sum, _, metrics = parts.loss_sums(model, batch.to(acc.device))
-            acc.backward(loss_sum * scale)
+            backward_exact(acc, loss_sum * scale)
         loss_total += loss_sum.detach()
         for key, value in metrics.items():
             metric_totals[key] = metric_totals.get(key, 0.0) + value.detach()
@@ -183,6 +183,12 @@ def _step_sums(parts: LoopParts, batches: list[Any]) -> tuple[float, dict[str, f
         )
     means = summed_means(acc, {"loss": loss_total, **metric_totals}, torch.tensor(count))
     return means.pop("loss"), means, int(trained_tokens), int(input_tokens)
+
+
+def backward_exact(acc: Any, loss: torch.Tensor) -> None:
+    """Backward giving the gradient of `loss` itself: `accelerator.backward` (or DeepSpeed's
+    engine) divides by the Accelerator's accumulation count, so the loss is scaled back."""
+    acc.backward(loss * acc.gradient_accumulation_steps)
 
 
 def summed_means(

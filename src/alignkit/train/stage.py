@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -33,6 +33,8 @@ from alignkit.train.attention import base_model, padding_free_problem
 from alignkit.train.checkpoint import TrainState
 from alignkit.train.logps import linear_head
 from alignkit.train.loop import LoopParts, LossFn, check_rows, run_loop, total_steps
+
+Rows = TypeVar("Rows", TokenizedRows, list)
 
 
 def recipe_inputs(recipe: Recipe) -> list[Path]:
@@ -99,16 +101,22 @@ def make_accelerator(cfg: TrainConfig, device: torch.device) -> Any:
     )
 
 
-def split_eval(
-    rows: TokenizedRows, fraction: float, seed: int
-) -> tuple[TokenizedRows, TokenizedRows]:
+def split_eval(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
+    """A seeded `fraction` of the rows held out for eval (at least one when above 0)."""
     if fraction <= 0:
-        return rows, rows.subset([])
+        return rows, pick(rows, [])
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(rows) * fraction))
     held = set(order[:n_eval])
-    return rows.subset([i for i in range(len(rows)) if i not in held]), rows.subset(sorted(held))
+    return pick(rows, [i for i in range(len(rows)) if i not in held]), pick(rows, sorted(held))
+
+
+def pick(rows: Rows, positions: list[int]) -> Rows:
+    """The rows at `positions`: a view of prepared (Arrow) rows, or a list."""
+    if isinstance(rows, TokenizedRows):
+        return rows.subset(positions)
+    return [rows[i] for i in positions]
 
 
 def make_optimizer(model: Any, cfg: TrainConfig, steps: int) -> tuple[Any, Any]:

@@ -44,6 +44,14 @@ def check_data(stage: PlannedStage, hub: bool) -> list[str]:
     from alignkit.data.sources import check_source
 
     data = stage.recipe.data
+    if stage.kind == "online":
+        from alignkit.data.prompts import load_prompts
+
+        prompts, skipped = load_prompts(data.sources)
+        return [
+            f"{stage.id}: {len(prompts)} prompts"
+            + (f", skipped {dict(skipped)}" if skipped else "")
+        ]
     who = f"Stage '{stage.id}' ({stage.kind})"
     kinds = DATA_KINDS[stage.kind]
     return [

@@ -20,9 +20,9 @@ from typing import Any
 from alignkit.config import Recipe, check_keys, parse_overrides, read_yaml, resolve_recipe
 from alignkit.errors import AlignkitError
 
-KINDS = ("sft", "pref", "merge", "eval", "card", "push", "export")
-TRAINING = ("sft", "pref")
-MODEL_MAKERS = ("sft", "pref", "merge")
+KINDS = ("sft", "pref", "online", "merge", "eval", "card", "push", "export")
+TRAINING = ("sft", "pref", "online")
+MODEL_MAKERS = ("sft", "pref", "online", "merge")
 STAGE_KEYS = {"stage", "id", "input", "dtype", "models", "name", "repo_id", "private", "type"}
 KIND_KEYS = {
     "merge": {"dtype"},
@@ -180,9 +180,9 @@ def check_input(stage: PlannedStage, wanted: str, made: dict[str, PlannedStage])
             f"'{wanted}' is {'the base model' if wanted == BASE else 'full weights'}. "
             "Put it after an sft or pref stage with model.adapter: lora."
         )
-    if stage.kind == "pref" and wanted != BASE and is_adapter(made[wanted]):
+    if stage.kind in ("pref", "online") and wanted != BASE and is_adapter(made[wanted]):
         raise AlignkitError(
-            f"Stage '{stage.id}' (pref) would train on '{wanted}', a LoRA adapter. Add a "
+            f"Stage '{stage.id}' ({stage.kind}) would train on '{wanted}', a LoRA adapter. Add a "
             "`stage: merge` before it, so preference training starts from merged weights."
         )
     if stage.kind == "card" and not any(s.kind in TRAINING for s in made.values()):

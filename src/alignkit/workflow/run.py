@@ -56,6 +56,10 @@ def run_training(stage: PlannedStage, run_dir: Path, workflow: Workflow, resume:
         from alignkit.train.sft import train_sft
 
         train_sft(recipe)
+    elif stage.kind == "online":
+        from alignkit.train.online import train_online
+
+        train_online(recipe)
     else:
         from alignkit.train.pref import train_pref
 

@@ -21,6 +21,7 @@ from alignkit.workflow.plan import BASE, TRAINING, PlannedStage, Workflow
 SECTIONS = {  # the recipe sections a stage's fingerprint covers
     "sft": ("model", "lora", "data", "train"),
     "pref": ("model", "lora", "data", "train", "pref"),
+    "online": ("model", "lora", "data", "train", "online", "pref"),
     "merge": (),
     "eval": ("model", "eval"),
     "card": (),
