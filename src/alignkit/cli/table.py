@@ -308,7 +308,7 @@ COMMANDS: tuple[Command | Group, ...] = (
     ),
     Command(
         "run",
-        "Run a workflow recipe's stages (sft, pref, merge, eval, card, export, push) in order.",
+        "Run a workflow recipe's stages (sft, pref, online, merge, eval, card, push, export) in order.",
         cmd_run,
         description="Run the stages a recipe lists, each in its own subdirectory of the run dir; "
         "finished unchanged stages are skipped, an interrupted stage resumes, a changed stage "

@@ -1,4 +1,4 @@
-"""`alignkit run`: a recipe's stages (sft, pref, merge, eval, card, export, push) in order,
+"""`alignkit run`: a recipe's stages (sft, pref, online, merge, eval, card, push, export) in order,
 in one run dir.
 
 `plan` parses and links the stages, `state` fingerprints them (`digest` reads what they
