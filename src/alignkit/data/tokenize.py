@@ -190,10 +190,30 @@ class Encoded:
         return overlap.tolist()
 
 
+def plain_backend(tokenizer: Any) -> Any:
+    """The fast tokenizer's `tokenizers.Tokenizer` when encoding with it gives what calling
+    the tokenizer does (no truncation or padding set on it, special tokens split as the
+    tokenizer says), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    return backend if getattr(backend, "encode_special_tokens", split) == split else None
+
+
 def encode_texts(texts: list[str], tokenizer: Any) -> list[Encoded]:
-    """The texts tokenized whole, in one call (no special tokens added)."""
+    """The texts tokenized whole, in one call (no special tokens added).
+
+    A fast tokenizer's backend encodes them directly, skipping the tokenizer's conversion
+    of every encoding to Python lists (the same ids and offsets: transformers calls that
+    backend with the same arguments)."""
     if not texts:
         return []
+    backend = plain_backend(tokenizer)
+    if backend is not None:
+        return [
+            Encoded(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)
+        ]
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return [
         Encoded(list(ids), [tuple(o) for o in offsets])
