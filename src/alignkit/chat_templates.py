@@ -177,7 +177,9 @@ def render(
 PrefixRender = Callable[[int, bool], str]
 
 
-def prefix_renderer(messages: list[Message], template: ChatTemplate, tokenizer: Any) -> PrefixRender:
+def prefix_renderer(
+    messages: list[Message], template: ChatTemplate, tokenizer: Any
+) -> PrefixRender:
     """`render` of `messages[:k]` as a function of (k, add_generation_prompt), for rendering
     many prefixes of one conversation.
 
