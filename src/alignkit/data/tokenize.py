@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
+from itertools import chain
 from typing import Any, TypeVar
 
 import numpy as np
@@ -179,11 +180,22 @@ class Encoded:
     ids: list[int]
     offsets: list[tuple[int, int]]
 
+    @cached_property
+    def bounds(self) -> np.ndarray:
+        """The offsets as an (n, 2) array."""
+        flat = chain.from_iterable(self.offsets)
+        return np.fromiter(flat, dtype=np.int64, count=2 * len(self.offsets)).reshape(-1, 2)
+
+    def first_ending_after(self, char: int) -> int:
+        """The first token that ends after character `char` (len(ids) when none does)."""
+        after = np.flatnonzero(self.bounds[:, 1] > char)
+        return int(after[0]) if len(after) else len(self.ids)
+
     def mask(self, spans: list[tuple[int, int]]) -> list[bool]:
         """Whether each token overlaps one of the character spans."""
         if not self.ids:
             return []
-        starts, ends = np.asarray(self.offsets).T
+        starts, ends = self.bounds.T
         overlap = np.zeros(len(self.ids), dtype=bool)
         for start, end in spans:
             overlap |= (starts < end) & (ends > start)
@@ -250,7 +262,7 @@ def tokenize_rendering(
     (encoded,) = encodings
     ids, offsets = encoded.ids, encoded.offsets
     mask = [True] * len(ids) if cfg.train_on_prompt else encoded.mask(rendering.spans)
-    last = next(i for i, (_, end) in enumerate(offsets) if end > rendering.spans[-1][0])
+    last = encoded.first_ending_after(rendering.spans[-1][0])
     plan = plan_truncation(last, len(ids) - last, cfg.max_length, prompt_limit(cfg), cfg.truncation)
     if plan is None:
         raise Dropped(LONGER_THAN_MAX)
