@@ -1,7 +1,8 @@
 """Chat templates and the assistant-span logic that decides which tokens are trained.
 
 Every template, built-in or the tokenizer's own, is a Jinja string rendered by
-`tokenizer.apply_chat_template`. A template's own `{% generation %}` blocks say which
+`tokenizer.apply_chat_template` (or, for the many prefixes of one conversation, exactly as
+it does by `prefix_renderer`). A template's own `{% generation %}` blocks say which
 characters are trained. Otherwise each assistant turn k is trained in the context the
 template generates it from: turns [0, k) rendered with a generation prompt, followed by
 turn k as the template renders it. Turns share one text while each extends the one

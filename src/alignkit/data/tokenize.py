@@ -216,9 +216,9 @@ def plain_backend(tokenizer: Any) -> Any:
 def encode_texts(texts: list[str], tokenizer: Any) -> list[Encoded]:
     """The texts tokenized whole, in one call (no special tokens added).
 
-    A fast tokenizer's backend encodes them directly, skipping the tokenizer's conversion
-    of every encoding to Python lists (the same ids and offsets: transformers calls that
-    backend with the same arguments)."""
+    A fast tokenizer's backend encodes them directly, skipping the per-text dict of ids,
+    attention mask and offsets that calling the tokenizer builds (the same ids and offsets:
+    transformers calls that backend with the same arguments)."""
     if not texts:
         return []
     backend = plain_backend(tokenizer)
