@@ -1,7 +1,8 @@
 """Chat templates and the assistant-span logic that decides which tokens are trained.
 
 Every template, built-in or the tokenizer's own, is a Jinja string rendered by
-`tokenizer.apply_chat_template`. A template's own `{% generation %}` blocks say which
+`tokenizer.apply_chat_template` (or, for the many prefixes of one conversation, exactly as
+it does by `prefix_renderer`). A template's own `{% generation %}` blocks say which
 characters are trained. Otherwise each assistant turn k is trained in the context the
 template generates it from: turns [0, k) rendered with a generation prompt, followed by
 turn k as the template renders it. Turns share one text while each extends the one
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +175,50 @@ def render(
     )
 
 
+PrefixRender = Callable[[int, bool], str]
+
+
+def prefix_renderer(
+    messages: list[Message], template: ChatTemplate, tokenizer: Any
+) -> PrefixRender:
+    """`render` of `messages[:k]` as a function of (k, add_generation_prompt), for rendering
+    many prefixes of one conversation.
+
+    It renders exactly as `tokenizer.apply_chat_template` does (transformers' cached
+    compiled template, with the same messages and variables: the special tokens, no tools
+    or documents), but converts the messages to the template's plain data once per
+    conversation instead of once per prefix. Where transformers lacks those helpers, or
+    for an empty prefix (which it refuses), it calls `render`.
+    """
+    try:
+        from transformers.utils.chat_template_utils import (
+            _alias_reasoning_fields,
+            _compile_jinja_template,
+            _plain_template_data,
+        )
+    except ImportError:  # another transformers: render each prefix the public way
+        return lambda k, generation: render(messages[:k], template, tokenizer, generation)
+    compiled = _compile_jinja_template(template.source)
+    variables = _plain_template_data(dict(tokenizer.special_tokens_map))
+    # apply_chat_template drops None values; each message is converted on its own, so
+    # converting the whole conversation and slicing gives every prefix's messages
+    chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    chat = _alias_reasoning_fields(_plain_template_data(chat))
+
+    def render_prefix(k: int, add_generation_prompt: bool) -> str:
+        if k == 0:
+            return render(messages[:k], template, tokenizer, add_generation_prompt)
+        return compiled.render(
+            messages=chat[:k],
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
+
+    return render_prefix
+
+
 _PROBE_REPLY = "PROBE-REPLY-7f3a"
 
 
@@ -229,10 +275,11 @@ def assistant_renderings(
     if GENERATION_BLOCK.search(template.source):
         return [_marked_rendering(messages, template, tokenizer)]
     renderings: list[Rendering] = []
+    render_prefix = prefix_renderer(messages, template, tokenizer)
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        text, start = _turn_text(messages, k, template, tokenizer)
+        text, start = _turn_text(messages, k, template, render_prefix)
         if renderings and text.startswith(renderings[-1].text):
             last = renderings.pop()
             renderings.append(Rendering(text, [*last.spans, (start, len(text))], [*last.turns, k]))
@@ -285,13 +332,13 @@ def protected_head(
 
 
 def _turn_text(
-    messages: list[Message], k: int, template: ChatTemplate, tokenizer: Any
+    messages: list[Message], k: int, template: ChatTemplate, render_prefix: PrefixRender
 ) -> tuple[str, int]:
     """Turn k after the context the template generates it from: (context + reply, where the
     reply starts). The context is the conversation so far rendered with a generation prompt;
     the reply is the turn as the template renders it, up to its end-of-turn marker."""
-    before = render(messages[:k], template, tokenizer, add_generation_prompt=True)
-    upto = render(messages[: k + 1], template, tokenizer, add_generation_prompt=False)
+    before = render_prefix(k, True)
+    upto = render_prefix(k + 1, False)
     start = len(before) if upto.startswith(before) else _reply_start(before, upto, messages[:k])
     if start is None:
         raise AlignkitError(

@@ -88,7 +88,10 @@ def kind_of(example: Example) -> str:
 
 
 def example_json(example: Example) -> str:
-    return json.dumps(dataclasses.asdict(example), ensure_ascii=False)
+    """The example's fields as JSON (its messages are plain dicts and lists, so this is
+    `dataclasses.asdict`'s JSON without its deep copy)."""
+    fields = {f.name: getattr(example, f.name) for f in dataclasses.fields(example)}
+    return json.dumps(fields, ensure_ascii=False)
 
 
 def example_from_json(kind: str, text: str) -> Example:

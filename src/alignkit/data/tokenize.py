@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
+from itertools import chain
 from typing import Any, TypeVar
 
 import numpy as np
@@ -179,21 +180,52 @@ class Encoded:
     ids: list[int]
     offsets: list[tuple[int, int]]
 
+    @cached_property
+    def bounds(self) -> np.ndarray:
+        """The offsets as an (n, 2) array."""
+        flat = chain.from_iterable(self.offsets)
+        return np.fromiter(flat, dtype=np.int64, count=2 * len(self.offsets)).reshape(-1, 2)
+
+    def first_ending_after(self, char: int) -> int:
+        """The first token that ends after character `char` (len(ids) when none does)."""
+        after = np.flatnonzero(self.bounds[:, 1] > char)
+        return int(after[0]) if len(after) else len(self.ids)
+
     def mask(self, spans: list[tuple[int, int]]) -> list[bool]:
         """Whether each token overlaps one of the character spans."""
         if not self.ids:
             return []
-        starts, ends = np.asarray(self.offsets).T
+        starts, ends = self.bounds.T
         overlap = np.zeros(len(self.ids), dtype=bool)
         for start, end in spans:
             overlap |= (starts < end) & (ends > start)
         return overlap.tolist()
 
 
+def plain_backend(tokenizer: Any) -> Any:
+    """The fast tokenizer's `tokenizers.Tokenizer` when encoding with it gives what calling
+    the tokenizer does (no truncation or padding set on it, special tokens split as the
+    tokenizer says), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    return backend if getattr(backend, "encode_special_tokens", split) == split else None
+
+
 def encode_texts(texts: list[str], tokenizer: Any) -> list[Encoded]:
-    """The texts tokenized whole, in one call (no special tokens added)."""
+    """The texts tokenized whole, in one call (no special tokens added).
+
+    A fast tokenizer's backend encodes them directly, skipping the per-text dict of ids,
+    attention mask and offsets that calling the tokenizer builds (the same ids and offsets:
+    transformers calls that backend with the same arguments)."""
     if not texts:
         return []
+    backend = plain_backend(tokenizer)
+    if backend is not None:
+        return [
+            Encoded(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)
+        ]
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return [
         Encoded(list(ids), [tuple(o) for o in offsets])
@@ -230,7 +262,7 @@ def tokenize_rendering(
     (encoded,) = encodings
     ids, offsets = encoded.ids, encoded.offsets
     mask = [True] * len(ids) if cfg.train_on_prompt else encoded.mask(rendering.spans)
-    last = next(i for i, (_, end) in enumerate(offsets) if end > rendering.spans[-1][0])
+    last = encoded.first_ending_after(rendering.spans[-1][0])
     plan = plan_truncation(last, len(ids) - last, cfg.max_length, prompt_limit(cfg), cfg.truncation)
     if plan is None:
         raise Dropped(LONGER_THAN_MAX)
