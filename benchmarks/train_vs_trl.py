@@ -110,8 +110,6 @@ def load_recipe_from(overrides: dict[str, Any]) -> Any:
 
 def prepare_data(w: Workload, model: str, max_length: int, work: Path) -> dict[str, Any]:
     """alignkit's rows for the workload, and their token ids in alignkit's training order."""
-    from rich.console import Console
-
     from alignkit.train.loop import epoch_order
     from alignkit.train.stage import load_stage_data
 
@@ -132,7 +130,7 @@ def prepare_data(w: Workload, model: str, max_length: int, work: Path) -> dict[s
         write_rows(subset, raw[:take])
         recipe = load_recipe_from(recipe_overrides(w, model, subset, max_length))
         kinds = ("pair",) if w.kind == "pref" else ("sft",)
-        data = load_stage_data(recipe, kinds, Console(quiet=True), False)
+        data = load_stage_data(recipe, kinds)
         if len(data.train_rows) >= w.rows:
             break
         take += w.rows - len(data.train_rows)

@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "alignkit"
 # config.check reads the loss registry and the benchmark list, so it sits with train/eval.
 LAYERS = [
     ("errors", "rundir", "config"),
-    ("models", "chat_templates", "plots", "console", "data", "losses"),
+    ("models", "chat_templates", "plots", "console", "data", "losses", "rewards.base"),
     (
         "config.check",
         "card",
@@ -20,6 +20,7 @@ LAYERS = [
         "generate",
         "eval",
         "train",
+        "rewards",
         "chat",
         "serve",
     ),
