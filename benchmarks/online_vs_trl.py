@@ -23,12 +23,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from worker_jobs import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "data" / "ifeval_style_prompts_200.jsonl"
@@ -177,19 +178,7 @@ def run_job(job: dict[str, Any], work: Path, log: Path) -> dict[str, Any]:
     job |= {"result": str(work / f"{name}.result.json"), "out": str(work / f"out-{name}")}
     path.write_text(json.dumps(job))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with log.open("a") as handle:
-        handle.write(f"\n===== {name}\n")
-        handle.flush()
-        done = subprocess.run(
-            [sys.executable, __file__, "--worker", str(path)],
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {done.returncode}); see {log}")
-    return json.loads(Path(job["result"]).read_text())
+    return run_worker(__file__, path, env, log)
 
 
 def mean_sd(values: list[float]) -> str:

@@ -37,13 +37,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from worker_jobs import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "train"
@@ -362,19 +362,7 @@ def run_job(job: dict[str, Any], work: Path, log: Path) -> dict[str, Any]:
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    with log.open("a") as handle:
-        handle.write(f"\n===== {path.stem}\n")
-        handle.flush()
-        done = subprocess.run(
-            [sys.executable, __file__, "--worker", str(path)],
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    if done.returncode != 0:
-        raise SystemExit(f"{path.stem} failed (exit {done.returncode}); see {log}")
-    return json.loads(Path(job["result"]).read_text())
+    return run_worker(__file__, path, env, log)
 
 
 def row(tool: str, r: dict[str, Any], tokens: int, flops: float, peak: float) -> str:
