@@ -7,10 +7,11 @@ and written as one ShareGPT .jsonl file. Each measurement runs in a fresh proces
 times what a training stage does with that file: read and convert the rows, then tokenize
 them (the bundled SmolLM2 tokenizer and its chat template, max_length 1024):
 
-- `dataset` (the default): `prepared.prepare_examples`, datasets.map with data.num_proc
+- `dataset` (the default): `prepared.prepare_sources`, datasets.map with data.num_proc
   workers into the Arrow cache; a cold run (empty $ALIGNKIT_CACHE), then a second run
-  that reads the cache; then N processes started together (torch.distributed, gloo) where
-  the main process tokenizes and the others wait for its cache, as `alignkit sft` does.
+  that loads the cache by the file's digest (without reading its rows); then N processes
+  started together (torch.distributed, gloo) where the main process tokenizes and the
+  others load its cache, as `alignkit sft` does.
 - `list`: `tokenize.tokenize_examples` in one process, no cache (the old path; run it with
   PYTHONPATH pointing at an older checkout's src to time the code before the cache).
 
@@ -70,17 +71,16 @@ def tokenize_file(path: str, how: str, tokenizer: object) -> int:
     from alignkit.data.sources import load_source
 
     template = resolve_template(None, tokenizer)
-    examples, _ = load_source(DataSource(path=path))
     cfg = DataConfig(max_length=1024)
     if how == "list":
         from alignkit.data.tokenize import tokenize_examples
 
+        examples, _ = load_source(DataSource(path=path))
         rows, _ = tokenize_examples(examples, tokenizer, template, cfg)
-    else:
-        from alignkit.data.prepared import prepare_examples
+        return len(rows)
+    from alignkit.data.prepared import prepare_sources
 
-        rows, _ = prepare_examples(examples, tokenizer, template, cfg)
-    return len(rows)
+    return len(prepare_sources([DataSource(path=path)], ("sft",), tokenizer, template, cfg).rows)
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,102 @@ def test_prompt_limit_is_checked_first(smol_tokenizer):
     cfg = DataConfig(max_length=64, max_prompt_length=64)
     with pytest.raises(AlignkitError, match="max_prompt_length"):
         prepare_examples(alpaca_conversations(2), smol_tokenizer, template, cfg)
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def sharegpt_rows(n: int, answer: str = "It is {i}.") -> list[dict]:
+    return [
+        {
+            "conversations": [
+                {"from": "human", "value": f"What is {i}?"},
+                {"from": "gpt", "value": answer.format(i=i)},
+            ]
+        }
+        for i in range(n)
+    ] + [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]}]
+
+
+def no_reading(*args, **kwargs):
+    raise AssertionError("read the sources again")
+
+
+def test_prepared_sources_are_loaded_without_reading_them(smol_tokenizer, tmp_path, monkeypatch):
+    template = resolve_template(None, smol_tokenizer)
+    cfg = DataConfig(max_length=24)
+    train = [DataSource(str(write_rows(tmp_path / "a.jsonl", sharegpt_rows(9, "x " * 30))))]
+    first = prepared.prepare_sources(train, ("sft",), smol_tokenizer, template, cfg)
+    assert first.report.truncated and first.sources[0].skipped  # counts worth comparing
+    assert len(list(prepared.manifest_path("x").parent.glob("*.sources.json"))) == 1
+
+    monkeypatch.setattr(prepared, "load_mixture", no_reading)
+    again = prepared.prepare_sources(train, ("sft",), smol_tokenizer, template, cfg)
+    assert list(again.rows) == list(first.rows) and again.rows.kind == first.rows.kind
+    assert again.report == first.report and again.sources == first.sources
+    # the wrong kind for the stage is still refused, naming the option
+    with pytest.raises(AlignkitError, match=r"pair data; .*a\.jsonl holds sft.*data\.eval_sources"):
+        prepared.prepare_sources(
+            train, ("pair",), smol_tokenizer, template, cfg, "data.eval_sources"
+        )
+
+
+def test_changed_files_or_settings_are_read_again(smol_tokenizer, tmp_path, monkeypatch):
+    template = resolve_template(None, smol_tokenizer)
+    cfg = DataConfig(max_length=64)
+    path = write_rows(tmp_path / "a.jsonl", sharegpt_rows(4))
+    train = [DataSource(str(path))]
+    prepared.prepare_sources(train, ("sft",), smol_tokenizer, template, cfg)
+    calls = []
+    real = prepared.load_mixture
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepared, "load_mixture", counted)
+    stat = path.stat()
+    write_rows(path, sharegpt_rows(4, "It is {i}!"))  # same size and time, other bytes
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    changed = prepared.prepare_sources(train, ("sft",), smol_tokenizer, template, cfg)
+    assert len(calls) == 1
+    assert "It is 0!" in smol_tokenizer.decode(changed.rows[0].input_ids)
+    for other in (
+        [DataSource(str(path), split="train[:2]")],
+        [DataSource(str(path)), DataSource(str(path), weight=0.5)],
+    ):
+        prepared.prepare_sources(other, ("sft",), smol_tokenizer, template, cfg)
+    prepared.prepare_sources(train, ("sft",), smol_tokenizer, template, replace_seed(cfg))
+    assert len(calls) == 4
+
+
+def replace_seed(cfg: DataConfig) -> DataConfig:
+    return dataclasses.replace(cfg, seed=cfg.seed + 1)
+
+
+def test_a_manifest_naming_lost_files_is_rebuilt(smol_tokenizer, tmp_path, monkeypatch):
+    template = resolve_template(None, smol_tokenizer)
+    cfg = DataConfig(max_length=64)
+    train = [DataSource(str(write_rows(tmp_path / "a.jsonl", sharegpt_rows(4))))]
+    first = prepared.prepare_sources(train, ("sft",), smol_tokenizer, template, cfg)
+    (manifest,) = prepared.manifest_path("x").parent.glob("*.sources.json")
+    for arrow in prepared.cache_path("x").parent.glob("*.arrow"):
+        arrow.unlink()
+    again = prepared.prepare_sources(train, ("sft",), smol_tokenizer, template, cfg)
+    assert list(again.rows) == list(first.rows)
+    manifest.write_text("{not json", encoding="utf-8")  # a torn or foreign file
+    assert list(prepared.prepare_sources(train, ("sft",), smol_tokenizer, template, cfg).rows)
+    assert json.loads(manifest.read_text())["examples"] == 4  # the empty row is skipped
+    assert not list(manifest.parent.glob(".tmp-*"))
+
+
+def test_hub_sources_have_no_manifest(smol_tokenizer, tmp_path):
+    template = resolve_template(None, smol_tokenizer)
+    local = DataSource(str(write_rows(tmp_path / "a.jsonl", sharegpt_rows(2))))
+    cfg = DataConfig()
+    assert prepared.sources_key([local], smol_tokenizer, template, cfg)
+    hub = DataSource("HuggingFaceH4/ultrafeedback_binarized", split="train_prefs")
+    assert prepared.sources_key([local, hub], smol_tokenizer, template, cfg) is None

@@ -164,7 +164,7 @@ def test_online_dpo_with_every_reward_tied_makes_no_update(tmp_path, peaky_model
 
 def test_epochs_count_whole_steps_and_too_few_prompts_are_named(tmp_path, peaky_model_dir):
     from alignkit.errors import AlignkitError
-    from alignkit.train.online import online_steps
+    from alignkit.train.online_setup import online_steps
 
     r = recipe(tmp_path, peaky_model_dir, **{"train.max_steps": 0, "train.epochs": 2})
     assert online_steps(r, 9) == 8  # 4 whole steps of 2 prompts per epoch, the 9th dropped

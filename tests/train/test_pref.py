@@ -165,6 +165,14 @@ def test_precomputed_reference_is_cached_reused_and_invalidated(
     start = read_metrics(train_pref(unshared) / "metrics.jsonl")[0]
     assert calls["precompute"] == 6  # another batch layout: recomputed, so that at step 0
     assert start["step"] == 0 and start["eval_rewards/margins"] == 0  # policy ties exactly
+    bf16 = {**settings, "train.mixed_precision": "bf16", "train.eval_on_start": True}
+    start = read_metrics(
+        train_pref(recipe(tmp_path / "f", tiny_model_dir, **bf16)) / "metrics.jsonl"
+    )[0]
+    # the precomputed reference runs in fp32 before the model is prepared, so a bf16
+    # autocast run reuses it; its policy ties with it up to bf16 rounding at step 0
+    assert calls["precompute"] == 6
+    assert start["step"] == 0 and abs(start["eval_rewards/margins"]) < 1e-3
 
 
 def load_tokenizer_for(model_dir):

@@ -112,7 +112,7 @@ def test_two_per_copy_keeps_a_sliding_window_exact():
     two-branch blocks it gets reproduce each completion's own forward."""
     from families import tiny_model
 
-    from alignkit.train.online import one_prompt_copy
+    from alignkit.train.online_update import one_prompt_copy
 
     model = tiny_model("mistral")
     assert not one_prompt_copy(model)

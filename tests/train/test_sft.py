@@ -168,3 +168,26 @@ def test_eval_sources_keep_every_training_row(tmp_path, tiny_model_dir):
     r = recipe(tmp_path, tiny_model_dir, max_steps=2, eval_fraction=0.5)
     records = train_with_eval_source(r, tmp_path)
     assert [x["epoch"] for x in records] == [0, 0]
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
+    import alignkit.train.stage as stage
+
+    seen: set[torch.dtype] = set()
+    real = stage.load_trainable
+
+    def watched(*args, **kwargs):
+        model = real(*args, **kwargs)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+        return model
+
+    monkeypatch.setattr(stage, "load_trainable", watched)
+    out = train_sft(recipe(tmp_path, tiny_model_dir, max_steps=3, mixed_precision="bf16"))
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    assert seen == {torch.bfloat16} and all(torch.isfinite(torch.tensor(losses)))
+    weights = load_file(out / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}  # the master weights
+    with pytest.raises(AlignkitError, match="fp16 needs a GPU"):
+        train_sft(recipe(tmp_path / "b", tiny_model_dir, mixed_precision="fp16"))

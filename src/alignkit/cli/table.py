@@ -34,6 +34,14 @@ VERBOSE = arg(
 )
 MODEL = arg("model.name_or_path", nargs="?", metavar="MODEL", help=field_help("model.name_or_path"))
 RUNTIME = ("model.chat_template", "model.dtype", "model.device")
+# the flags every training command takes first (those that resume also take train.resume)
+TRAINING = (
+    "model.name_or_path",
+    "model.chat_template",
+    "data.max_length",
+    "train.output_dir",
+    "train.overwrite",
+)
 SHIPPED = arg(
     "model",
     metavar="MODEL",
@@ -92,16 +100,7 @@ COMMANDS: tuple[Command | Group, ...] = (
         "Supervised fine-tuning (full weights, LoRA or QLoRA).",
         cmd_sft,
         sections=("model", "lora", "data", "train"),
-        keys=(
-            "model.name_or_path",
-            "model.chat_template",
-            "data.max_length",
-            "data.train_on_prompt",
-            "train.output_dir",
-            "train.overwrite",
-            "train.resume",
-            "train.packing",
-        ),
+        keys=(*TRAINING, "train.resume", "data.train_on_prompt", "train.packing"),
     ),
     Command(
         "pref",
@@ -109,13 +108,9 @@ COMMANDS: tuple[Command | Group, ...] = (
         cmd_pref,
         sections=("model", "lora", "data", "train", "pref"),
         keys=(
-            "model.name_or_path",
-            "model.chat_template",
-            "data.max_length",
-            "data.max_prompt_length",
-            "train.output_dir",
-            "train.overwrite",
+            *TRAINING,
             "train.resume",
+            "data.max_prompt_length",
             "pref.loss",
             "pref.loss_weights",
             "pref.beta",
@@ -133,11 +128,7 @@ COMMANDS: tuple[Command | Group, ...] = (
         cmd_online,
         sections=("model", "lora", "data", "train", "online", "pref"),
         keys=(
-            "model.name_or_path",
-            "model.chat_template",
-            "data.max_length",
-            "train.output_dir",
-            "train.overwrite",
+            *TRAINING,
             "train.resume",
             "online.algorithm",
             "online.num_generations",
@@ -157,14 +148,7 @@ COMMANDS: tuple[Command | Group, ...] = (
                 "Train a Bradley-Terry reward model (sequence-classification head) on preference pairs.",
                 cmd_rm,
                 sections=("model", "lora", "data", "train", "rm"),
-                keys=(
-                    "model.name_or_path",
-                    "model.chat_template",
-                    "data.max_length",
-                    "train.output_dir",
-                    "train.overwrite",
-                    "rm.eval_fraction",
-                ),
+                keys=(*TRAINING, "rm.eval_fraction"),
             ),
             Command(
                 "score",

@@ -124,7 +124,9 @@ class TrainConfig:
     seed: int = opt(42, "Seed for initialisation, data order and dropout.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
-        "auto", "Autocast precision; auto = bf16 on a GPU that supports it, else none (fp32)."
+        "auto",
+        "Autocast precision; auto = bf16 on a GPU that supports it, else none (fp32). bf16 also "
+        "runs on CPU (faster than fp32 where the CPU has AVX512-BF16 or AMX); fp16 needs a GPU.",
     )
     packing: bool = opt(
         False, "Put several examples in one row without padding (attention kept inside each)."

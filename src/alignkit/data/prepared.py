@@ -11,6 +11,10 @@ key, or another process of the same run, memory-maps those files instead of toke
 A dropped example stays in the files as a row with its reason, so the report (kept,
 split, truncated, dropped counts) is counted from the files exactly as from a fresh run;
 `TokenizedRows` serves the kept rows by index as the items `tokenize` makes.
+
+`prepare_sources` goes one step further for local files: a manifest keyed by the files'
+bytes (`manifest_path`) names the Arrow files and what reading the sources did, so a
+later run, or another process of the same run, reads neither the files nor their rows.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,9 +35,10 @@ import numpy as np
 
 from alignkit import chat_templates, models
 from alignkit.chat_templates import ChatTemplate
-from alignkit.config import DataConfig
-from alignkit.data import formats, tokenize
+from alignkit.config import DataConfig, DataSource
+from alignkit.data import formats, sources, tokenize
 from alignkit.data.formats import Conversation, Example, Feedback, PreferencePair
+from alignkit.data.sources import SourceReport, load_mixture
 from alignkit.data.tokenize import (
     Outcome,
     TokenizedExample,
@@ -42,6 +49,8 @@ from alignkit.data.tokenize import (
     check_prompt_limit,
     tally,
 )
+from alignkit.errors import AlignkitError
+from alignkit.rundir.write import atomic_file
 
 CACHE_SUBDIR = "tokenized"
 MAX_DEFAULT_PROCS = 16
@@ -67,8 +76,8 @@ STORED = {
     "feedback": ("prompt_ids", "completion_ids", "label", "completion_mask"),
 }
 OUTCOME_FIELDS = ("first", "examples", "dropped", "truncated", "retokenized")
-# what the key covers besides the data: this code and what renders and encodes text
-CODE_MODULES = (tokenize, chat_templates, formats)
+# what the key covers besides the data: this code and what reads, renders and encodes text
+CODE_MODULES = (tokenize, chat_templates, formats, sources)
 LIBRARIES = ("alignkit", "transformers", "tokenizers", "jinja2", "datasets")
 
 
@@ -76,6 +85,12 @@ def cache_path(key: str) -> Path:
     """The cache file of one tokenization (with `_<rank>_of_<n>` before `.arrow` for each
     worker's shard when it ran in several)."""
     return models.cache_dir() / CACHE_SUBDIR / f"{key}.arrow"
+
+
+def manifest_path(key: str) -> Path:
+    """What `prepare_sources` made from one set of source files: the Arrow files, the
+    examples' kind and count, and each source's report."""
+    return models.cache_dir() / CACHE_SUBDIR / f"{key}.sources.json"
 
 
 def default_num_proc() -> int:
@@ -269,6 +284,110 @@ def prepare_examples(
             new_fingerprint=key,
             load_from_cache_file=True,
         )
-    report = report_of(tokenized.data, len(examples))
-    kept = np.asarray(tokenized.data.column("dropped").is_null())
-    return TokenizedRows(tokenized, kind, np.flatnonzero(kept)), report
+    return kept_rows(tokenized, kind), report_of(tokenized.data, len(examples))
+
+
+def kept_rows(dataset: Any, kind: str) -> TokenizedRows:
+    """The rows of a tokenized dataset that hold an item (not a dropped example)."""
+    kept = np.asarray(dataset.data.column("dropped").is_null())
+    return TokenizedRows(dataset, kind, np.flatnonzero(kept))
+
+
+@dataclass
+class Prepared:
+    """Tokenized rows from some sources, with what reading and tokenizing them did."""
+
+    rows: TokenizedRows
+    report: TokenizeReport
+    sources: list[SourceReport]
+
+
+def sources_key(
+    data_sources: list[DataSource], tokenizer: Any, template: ChatTemplate, cfg: DataConfig
+) -> str | None:
+    """The key of a prepared mixture of local files, from the files' bytes and how they are
+    read (None when a source is not a local file: a hub dataset is keyed by its examples
+    once read)."""
+    paths = [Path(s.path).expanduser() for s in data_sources]
+    if not paths or not all(p.is_file() for p in paths):
+        return None
+    files = [
+        {**dataclasses.asdict(source), "sha256": models.file_sha256(path)}
+        for source, path in zip(data_sources, paths, strict=True)
+    ]
+    return tokenization_key(json.dumps(files, sort_keys=True), tokenizer, template, cfg)
+
+
+def read_manifest(key: str) -> Prepared | None:
+    """The prepared mixture a manifest names, or None when it is missing or any file it
+    names is gone or unreadable (then the sources are prepared again)."""
+    from datasets import Dataset, concatenate_datasets
+
+    path = manifest_path(key)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        parts = [Dataset.from_file(name) for name in manifest["files"]]
+        reports = [
+            SourceReport(**{**r, "skipped": Counter(r["skipped"])}) for r in manifest["sources"]
+        ]
+        kind, examples = manifest["kind"], manifest["examples"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return Prepared(kept_rows(dataset, kind), report_of(dataset.data, examples), reports)
+
+
+def write_manifest(key: str, prepared: Prepared) -> None:
+    """Name the prepared mixture's Arrow files under `key`, in one rename."""
+    files = [f["filename"] for f in prepared.rows.dataset.cache_files]
+    if not files:  # no examples: nothing on disk to point at
+        return
+    manifest = {
+        "files": files,
+        "kind": prepared.rows.kind,
+        "examples": prepared.report.rows,
+        "sources": [source_fields(r) for r in prepared.sources],
+    }
+    path = manifest_path(key)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def source_fields(report: SourceReport) -> dict[str, Any]:
+    """A source report as JSON values (`dataclasses.asdict` would turn its Counter's items
+    into counted keys)."""
+    fields = {f.name: getattr(report, f.name) for f in dataclasses.fields(report)}
+    return {**fields, "skipped": dict(report.skipped)}
+
+
+def check_kind(reports: list[SourceReport], kinds: tuple[str, ...], option: str) -> None:
+    kind = reports[0].kind
+    if kind not in kinds:
+        raise AlignkitError(
+            f"This stage trains on {' or '.join(kinds)} data; {reports[0].path} holds {kind} "
+            f"data. Check {option} (alignkit data inspect shows what a file holds)."
+        )
+
+
+def prepare_sources(
+    data_sources: list[DataSource],
+    kinds: tuple[str, ...],
+    tokenizer: Any,
+    template: ChatTemplate,
+    cfg: DataConfig,
+    option: str = "data.sources",
+) -> Prepared:
+    """Read, mix and tokenize the sources (of one of `kinds`), or load what an earlier run
+    or process made from the same files; `option` names them in errors."""
+    key = sources_key(data_sources, tokenizer, template, cfg)
+    found = read_manifest(key) if key else None
+    if found is not None:
+        check_kind(found.sources, kinds, option)
+        return found
+    examples, reports = load_mixture(data_sources, cfg.strict, cfg.seed)
+    check_kind(reports, kinds, option)
+    rows, report = prepare_examples(examples, tokenizer, template, cfg)
+    prepared = Prepared(rows, report, reports)
+    if key:
+        write_manifest(key, prepared)
+    return prepared

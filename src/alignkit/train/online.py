@@ -1,4 +1,5 @@
-"""On-policy training (`alignkit online`): sample, score, train; setup, loop, save.
+"""On-policy training (`alignkit online`): sample, score, train; the loop and the save
+(setup in `online_setup`, the updates in `online_update`).
 
 Each step takes `train.micro_batch_size x train.gradient_accumulation_steps` prompts,
 samples `online.num_generations` completions of each from the current policy
@@ -12,8 +13,6 @@ samples `online.num_generations` completions of each from the current policy
 The reference is the policy with its adapter off (LoRA), else a frozen copy. The
 training forward is the offline stages' one (padding-free rows, chunked log-probs),
 with the k completions of a prompt as branches on one copy of it.
-Gradients of a step are the sum over its micro-batches divided by the step's
-normaliser, so accumulation gives the loss of the whole step.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,43 +29,29 @@ from rich.console import Console
 from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
 
 from alignkit import rundir
-from alignkit.chat_templates import resolve_template
 from alignkit.config import Recipe
-from alignkit.config.check import check, loss_plan
-from alignkit.console import Log, captured, live_progress, terminal
-from alignkit.data.batching import pair_batch
-from alignkit.data.prompts import load_prompts
-from alignkit.errors import AlignkitError
-from alignkit.generate import prompt_ids, stop_token_ids
-from alignkit.losses.grpo import GrpoParams, group_advantages, loss_sums, token_losses
-from alignkit.losses.preference import needs_reference
-from alignkit.models import load_tokenizer, resolve_device
-from alignkit.rewards import NamedReward, Prompt, build_rewards, score_all, weighted_sum
-from alignkit.train.attention import base_model
+from alignkit.config.check import check
+from alignkit.console import captured, live_progress
+from alignkit.rewards import score_all, weighted_sum
 from alignkit.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from alignkit.train.logps import token_logps
-from alignkit.train.loop import MetricsLog, backward_exact
-from alignkit.train.pref import disable_dropout, load_reference, loss_params, pair_loss_sums
-from alignkit.train.reference import adapter_off, reference_scorer
+from alignkit.train.loop import MetricsLog
+from alignkit.train.online_setup import (
+    OnlineRun,
+    PromptIds,
+    check_online_setup,
+    prepare_online,
+    prompts_per_step,
+)
+from alignkit.train.online_update import grpo_update, online_dpo_update
 from alignkit.train.rollout import (
     Rollout,
     SamplingSettings,
-    best_worst_pairs,
-    per_completion,
-    rollout_batch,
     sample_rollouts,
     step_seed,
 )
 from alignkit.train.stage import (
-    StageData,
-    StageRun,
     finish,
-    keep_exact_layout,
-    load_trainable,
-    make_accelerator,
-    make_optimizer,
     open_output_dir,
-    plan_output_dir,
 )
 
 CURVES = [
@@ -76,165 +60,6 @@ CURVES = [
     ["completions/mean_length"],
     ["kl", "clip_ratio/region_mean"],
 ]
-
-
-@dataclass
-class PromptIds:
-    prompt: Prompt
-    ids: list[int]
-
-
-@dataclass(kw_only=True)
-class OnlineRun:
-    """An online stage's parts beside the shared `StageRun`."""
-
-    run: StageRun
-    prompts: list[PromptIds]
-    eval_prompts: list[PromptIds]
-    rewards: list[NamedReward]
-    stop_ids: list[int]
-    ref_model: Any = None
-    optimizer: Any = None
-    scheduler: Any = None
-    steps: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def recipe(self) -> Recipe:
-        return self.run.recipe
-
-
-# ---------------------------------------------------------------- setup
-
-
-def prompts_per_step(recipe: Recipe) -> int:
-    return recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
-
-
-def online_steps(recipe: Recipe, n_prompts: int) -> int:
-    """train.max_steps, else the whole steps of train.epochs (an epoch's incomplete tail
-    is dropped, as offline); an error when the prompts cannot fill one step."""
-    per_step = prompts_per_step(recipe)
-    if n_prompts < per_step:
-        raise AlignkitError(
-            f"Only {n_prompts} prompts: fewer than one step of {per_step} (train."
-            "micro_batch_size x train.gradient_accumulation_steps). Lower those or add prompts."
-        )
-    if recipe.train.max_steps > 0:
-        return recipe.train.max_steps
-    return n_prompts // per_step * recipe.train.epochs
-
-
-def tokenize_prompts(
-    prompts: list[Prompt], tokenizer: Any, template: Any, limit: int
-) -> tuple[list[PromptIds], int]:
-    """Prompt ids rendered up to the assistant turn; prompts over `limit` tokens dropped."""
-    kept, dropped = [], 0
-    for p in prompts:
-        ids = prompt_ids(p.messages, template, tokenizer)
-        if len(ids) > limit:
-            dropped += 1
-        else:
-            kept.append(PromptIds(p, ids))
-    return kept, dropped
-
-
-def load_online_data(
-    recipe: Recipe,
-) -> tuple[StageData, list[PromptIds], list[PromptIds], dict[str, int]]:
-    """Tokenizer, template, train prompts, held-out prompts (data.eval_sources) and the
-    skipped rows per reason."""
-    tokenizer = load_tokenizer(recipe.model)
-    template = resolve_template(recipe.model.chat_template, tokenizer)
-    prompts, skipped = load_prompts(recipe.data.sources)
-    limit = recipe.data.max_length - recipe.online.max_completion_length
-    kept, dropped = tokenize_prompts(prompts, tokenizer, template, limit)
-    held: list[PromptIds] = []
-    if recipe.data.eval_sources:
-        held, _ = tokenize_prompts(
-            load_prompts(recipe.data.eval_sources)[0], tokenizer, template, limit
-        )
-    skipped = dict(skipped) | ({f"prompt over {limit} tokens": dropped} if dropped else {})
-    if not kept:
-        raise AlignkitError(
-            f"Every prompt is longer than data.max_length - online.max_completion_length = "
-            f"{limit} tokens. Raise data.max_length."
-        )
-    data = StageData(
-        tokenizer=tokenizer,
-        template=template,
-        kind="prompt",
-        train_rows=kept,
-        eval_rows=held,
-        summary=f"{len(kept)} prompts" + (f", skipped {skipped}" if skipped else ""),
-    )
-    return data, kept, held, skipped
-
-
-def prepare_online(recipe: Recipe, console: Console | None, log: Log | None) -> OnlineRun:
-    """Accelerator, output dir plan, prompts, rewards, policy, reference and optimizer."""
-    device = resolve_device(recipe.model.device)
-    accelerator = make_accelerator(recipe.train, device)
-    if accelerator.num_processes > 1:
-        raise AlignkitError(
-            "alignkit online runs in one process for now; launch it without accelerate "
-            "launch (or with --num_processes 1)."
-        )
-    plan = plan_output_dir(recipe, "online")
-    torch.manual_seed(recipe.train.seed)
-    data, prompts, held, skipped = load_online_data(recipe)
-    rewards = build_rewards(recipe.online, str(device))
-    run = StageRun(
-        command="online",
-        recipe=recipe,
-        accelerator=accelerator,
-        plan=plan,
-        data=data,
-        model=None,
-        console=console or terminal(),
-        log=log,
-    )
-    run.say(online_header(recipe, len(prompts), rewards, plan.out))
-    run.model = load_trainable(recipe, data, run.say)
-    keep_exact_layout(run, run.model)
-    disable_dropout(run.model)
-    online = OnlineRun(
-        run=run,
-        prompts=prompts,
-        eval_prompts=held,
-        rewards=rewards,
-        stop_ids=stop_token_ids(data.template, data.tokenizer),
-        skipped=skipped,
-    )
-    if needs_ref(run.recipe):
-        online.ref_model = (
-            load_reference(run.recipe, data) if recipe.model.adapter == "none" else None
-        )
-    online.steps = online_steps(run.recipe, len(prompts))
-    online.optimizer, online.scheduler = make_optimizer(run.model, run.recipe.train, online.steps)
-    run.model, online.optimizer, online.scheduler = accelerator.prepare(
-        run.model, online.optimizer, online.scheduler
-    )
-    return online
-
-
-def needs_ref(recipe: Recipe) -> bool:
-    if recipe.online.algorithm == "grpo":
-        return recipe.online.beta != 0.0
-    return needs_reference(loss_plan(recipe.pref)[0])
-
-
-def online_header(recipe: Recipe, n: int, rewards: list[NamedReward], out: Path) -> str:
-    model = Path(recipe.model.name_or_path).name or recipe.model.name_or_path
-    names = " + ".join(f"{r.weight:g}*{r.name}" if r.weight != 1 else r.name for r in rewards)
-    cfg = recipe.online
-    return (
-        f"online ({cfg.algorithm}): {model} ({recipe.model.adapter}), {n} prompts, "
-        f"k={cfg.num_generations}, reward {names} -> {out}"
-    )
-
-
-# ---------------------------------------------------------------- one step
 
 
 def step_prompts(online: OnlineRun, state: TrainState) -> tuple[list[PromptIds], int, int]:
@@ -302,125 +127,6 @@ def completion_metrics(rollouts: list[Rollout]) -> dict[str, float]:
     }
 
 
-def reference_token_logps(online: OnlineRun, batch: Any, chunk: int) -> torch.Tensor:
-    run = online.run
-    model = online.ref_model or run.model
-    off = (
-        adapter_off(run.accelerator.unwrap_model(run.model))
-        if online.ref_model is None
-        else nullcontext()
-    )
-    with torch.no_grad(), off:
-        return token_logps(model, batch, chunk)
-
-
-def one_prompt_copy(model: Any) -> bool:
-    """Whether all k completions may share one copy of their prompt (full attention; the
-    band of a sliding window is built for two branches, so those go two at a time)."""
-    return not getattr(base_model(model).config, "sliding_window", None)
-
-
-def grpo_micro_batch(
-    online: OnlineRun, rollouts: list[Rollout], advantages: torch.Tensor, params: GrpoParams
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Numerator and denominator of one micro-batch's loss, and its metric sums over tokens."""
-    run, n = online.run, len(rollouts)
-    cfg, device = run.recipe.train, run.accelerator.device
-    pad = run.data.tokenizer.pad_token_id
-    batch = rollout_batch(rollouts, pad, cfg.padding_free, one_prompt_copy(run.model)).to(device)
-    logps, mask = per_completion(token_logps(run.model, batch, cfg.logps_chunk), batch, n)
-    ref = None
-    if params.beta != 0.0:
-        ref, _ = per_completion(reference_token_logps(online, batch, cfg.logps_chunk), batch, n)
-    losses = token_losses(logps, logps.detach(), advantages.to(device), params, ref)
-    numerator, denominator = loss_sums(losses.loss, mask, params)
-    m = mask.float()
-    sums = {
-        "clip_ratio/low_mean": (losses.low_clipped.float() * m).sum(),
-        "clip_ratio/high_mean": (losses.high_clipped.float() * m).sum(),
-        "clip_ratio/region_mean": ((losses.low_clipped | losses.high_clipped).float() * m).sum(),
-        "tokens": m.sum(),
-    }
-    if losses.kl is not None:
-        sums["kl"] = (losses.kl.detach() * m).sum()
-    return numerator, denominator, sums
-
-
-def grpo_update(
-    online: OnlineRun, rollouts: list[Rollout], total: list[float]
-) -> tuple[float, dict[str, float]]:
-    """Backward over the step's micro-batches; gradients divided by the step's normaliser."""
-    run = online.run
-    cfg = run.recipe.online
-    params = GrpoParams(
-        beta=cfg.beta,
-        epsilon=cfg.epsilon,
-        epsilon_high=cfg.epsilon_high,
-        loss_type=cfg.loss_type,
-        max_completion_length=cfg.max_completion_length,
-    )
-    advantages = group_advantages(torch.tensor(total), cfg.num_generations, cfg.scale_rewards)
-    size = run.recipe.train.micro_batch_size * cfg.num_generations
-    loss, denominator, sums = 0.0, 0.0, {}
-    for s in range(0, len(rollouts), size):
-        with run.accelerator.autocast():
-            num, den, part = grpo_micro_batch(
-                online, rollouts[s : s + size], advantages[s : s + size], params
-            )
-        backward_exact(run.accelerator, num)
-        loss, denominator = loss + float(num.detach()), denominator + float(den)
-        sums = {k: sums.get(k, 0.0) + float(v) for k, v in part.items()}
-    scale_gradients(run.model, 1 / max(denominator, 1e-12))
-    tokens = sums.pop("tokens")
-    return loss / max(denominator, 1e-12), {k: v / max(tokens, 1.0) for k, v in sums.items()}
-
-
-def online_dpo_update(
-    online: OnlineRun, rollouts: list[Rollout], total: list[float]
-) -> tuple[float | None, dict[str, float]]:
-    """Best-vs-worst pairs trained with pref.loss; the step's loss is the mean over pairs
-    (None, and no update, when every prompt's rewards tie)."""
-    run = online.run
-    recipe, acc = run.recipe, run.accelerator
-    pairs, ties = best_worst_pairs(rollouts, total, recipe.online.num_generations)
-    metrics: dict[str, float] = {"pairs": float(len(pairs)), "ties": float(ties)}
-    if not pairs:
-        return None, metrics
-    names, weights = loss_plan(recipe.pref)
-    score = None
-    if needs_reference(names):
-        score = reference_scorer(
-            run.model, acc.unwrap_model(run.model), online.ref_model, recipe.train.logps_chunk
-        )
-    layout = "shared" if recipe.train.padding_free else "padded"
-    pad = run.data.tokenizer.pad_token_id
-    loss, sums = 0.0, {}
-    size = recipe.train.micro_batch_size
-    for s in range(0, len(pairs), size):
-        batch = pair_batch(pairs[s : s + size], pad, layout).to(acc.device)
-        with acc.autocast():
-            loss_sum, _, part = pair_loss_sums(
-                run.model,
-                batch,
-                score,
-                names,
-                weights,
-                loss_params(recipe.pref),
-                recipe.train.logps_chunk,
-            )
-        backward_exact(acc, loss_sum)
-        loss += float(loss_sum.detach())
-        sums = {k: sums.get(k, 0.0) + float(v) for k, v in part.items()}
-    scale_gradients(run.model, 1 / len(pairs))
-    return loss / len(pairs), metrics | {k: v / len(pairs) for k, v in sums.items()}
-
-
-def scale_gradients(model: Any, factor: float) -> None:
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(factor)
-
-
 def train_step(online: OnlineRun, state: TrainState) -> dict[str, float]:
     """Sample, score, update; the step's metrics with TRL's names."""
     run = online.run
@@ -469,10 +175,7 @@ def train_step(online: OnlineRun, state: TrainState) -> dict[str, float]:
     return record
 
 
-# ---------------------------------------------------------------- held-out reward
-
-
-EVAL_BATCH = 16
+EVAL_BATCH = 16  # held-out prompts sampled at once
 
 
 def evaluate_rewards(online: OnlineRun) -> dict[str, float]:
@@ -495,9 +198,6 @@ def evaluate_rewards(online: OnlineRun) -> dict[str, float]:
     se = statistics.stdev(total) / math.sqrt(len(total)) if len(total) > 1 else 0.0
     record = {f"eval_rewards/{k}/mean": statistics.fmean(v) for k, v in scores.items()}
     return record | {"eval_reward": statistics.fmean(total), "eval_reward_se": se}
-
-
-# ---------------------------------------------------------------- loop and save
 
 
 def save_online_checkpoint(online: OnlineRun, state: TrainState) -> None:
@@ -564,19 +264,6 @@ def online_progress(console: Any) -> Any:
         TimeRemainingColumn(),
         console=console,
     )
-
-
-def check_online_setup(recipe: Recipe) -> None:
-    if recipe.online.use_vllm:
-        raise AlignkitError(
-            "online.use_vllm: sampling with vLLM is not available in this version; remove it "
-            "(sampling runs on transformers with the KV cache)."
-        )
-    if recipe.train.eval_fraction:
-        raise AlignkitError(
-            "alignkit online scores held-out prompts from data.eval_sources; remove "
-            "train.eval_fraction and name the held-out prompts there."
-        )
 
 
 def train_online(recipe: Recipe, console: Console | None = None) -> Path:

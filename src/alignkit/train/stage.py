@@ -24,8 +24,8 @@ from alignkit import rundir
 from alignkit.chat_templates import ChatTemplate, resolve_template
 from alignkit.config import Recipe, TrainConfig, save_recipe
 from alignkit.console import Log, note, say, terminal
-from alignkit.data.prepared import TokenizedRows, prepare_examples
-from alignkit.data.sources import SourceReport, load_mixture
+from alignkit.data.prepared import TokenizedRows, prepare_sources
+from alignkit.data.sources import SourceReport
 from alignkit.errors import AlignkitError
 from alignkit.models import NewTokens, load_model, load_tokenizer, local_paths, resolve_device
 from alignkit.plots import plot_curves
@@ -84,14 +84,29 @@ def open_output_dir(plan: OutputPlan) -> Path:
     return plan.out
 
 
+def allow_precision(precision: str) -> None:
+    """Let this stage's Accelerator autocast in `precision` though an earlier stage of the
+    same process used another (Accelerate keeps its first precision for the process and
+    raises otherwise; the process group, held apart, is kept)."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state()  # private, as Accelerate's own tests reset it
+
+
 def make_accelerator(cfg: TrainConfig, device: torch.device) -> Any:
     from accelerate import Accelerator
 
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    if device.type != "cuda" and precision != "no":
-        raise AlignkitError(f"train.mixed_precision={precision} needs a GPU; use no (fp32) on CPU.")
+    if device.type != "cuda" and precision == "fp16":
+        raise AlignkitError(
+            "train.mixed_precision=fp16 needs a GPU; on CPU use bf16 (autocast, fastest where "
+            "the CPU has AVX512-BF16 or AMX) or no (fp32)."
+        )
+    allow_precision(precision)
     # the schedule is built for optimizer steps and stepped once per step by the loop
     return Accelerator(
         mixed_precision=precision,
@@ -155,32 +170,27 @@ def load_stage_data(recipe: Recipe, kinds: tuple[str, ...]) -> StageData:
     reading and tokenizing them did."""
     tokenizer = load_tokenizer(recipe.model)
     template = resolve_template(recipe.model.chat_template, tokenizer)
-    examples, reports = load_mixture(recipe.data.sources, recipe.data.strict, recipe.data.seed)
-    kind = reports[0].kind
-    if kind not in kinds:
-        raise AlignkitError(
-            f"This stage trains on {' or '.join(kinds)} data; {reports[0].path} holds {kind} "
-            "data. Check data.sources (alignkit data inspect shows what a file holds)."
-        )
-    tokenized, report = prepare_examples(examples, tokenizer, template, recipe.data)
-    notes = source_notes(reports, "data")
+    train = prepare_sources(recipe.data.sources, kinds, tokenizer, template, recipe.data)
+    notes = source_notes(train.sources, "data")
     if recipe.data.eval_sources:  # separate eval data replaces the held-out fraction
-        held_out, eval_reports = load_mixture(
-            recipe.data.eval_sources, recipe.data.strict, recipe.data.seed
+        held_out = prepare_sources(
+            recipe.data.eval_sources, kinds, tokenizer, template, recipe.data, "data.eval_sources"
         )
-        eval_rows, eval_report = prepare_examples(held_out, tokenizer, template, recipe.data)
-        notes += source_notes(eval_reports, "eval data") + [f"eval data: {eval_report.summary()}"]
-        train_rows = tokenized
+        notes += source_notes(held_out.sources, "eval data")
+        notes.append(f"eval data: {held_out.report.summary()}")
+        train_rows, eval_rows = train.rows, held_out.rows
     else:
-        train_rows, eval_rows = split_eval(tokenized, recipe.train.eval_fraction, recipe.train.seed)
-    skipped = sum(sum(r.skipped.values()) for r in reports)
+        train_rows, eval_rows = split_eval(
+            train.rows, recipe.train.eval_fraction, recipe.train.seed
+        )
+    skipped = sum(sum(r.skipped.values()) for r in train.sources)
     return StageData(
         tokenizer=tokenizer,
         template=template,
-        kind=kind,
+        kind=train.sources[0].kind,
         train_rows=train_rows,
         eval_rows=eval_rows,
-        summary=report.summary() + (f", {skipped} rows skipped" if skipped else ""),
+        summary=train.report.summary() + (f", {skipped} rows skipped" if skipped else ""),
         notes=notes,
     )
 
@@ -248,6 +258,36 @@ class StageRun:
         return self.plan.resume_from
 
 
+def start_stage(
+    command: str,
+    recipe: Recipe,
+    accelerator: Any,
+    plan: OutputPlan,
+    data: StageData,
+    header: str,
+    console: Console | None,
+    log: Log | None,
+) -> StageRun:
+    """The stage's run with its header said, its data notes logged and its trainable model
+    loaded (padding-free rows switched off where they would change the model)."""
+    run = StageRun(
+        command=command,
+        recipe=recipe,
+        accelerator=accelerator,
+        plan=plan,
+        data=data,
+        model=None,
+        console=console or terminal(),
+        log=log,
+    )
+    run.say(header)
+    for line in data.notes:
+        run.note(line)
+    run.model = load_trainable(recipe, data, run.say)
+    keep_exact_layout(run, run.model)
+    return run
+
+
 def prepare_stage(
     recipe: Recipe,
     command: str,
@@ -262,21 +302,8 @@ def prepare_stage(
     torch.manual_seed(recipe.train.seed)
     with accelerator.local_main_process_first():  # it tokenizes; the others read its cache
         data = load_stage_data(recipe, kinds)
-    run = StageRun(
-        command=command,
-        recipe=recipe,
-        accelerator=accelerator,
-        plan=plan,
-        data=data,
-        model=None,
-        console=console or terminal(),
-        log=log,
-    )
-    run.say(stage_header(recipe, command, data, plan.out))
-    for line in data.notes:
-        run.note(line)
-    run.model = load_trainable(recipe, data, run.say)
-    keep_exact_layout(run, run.model)
+    header = stage_header(recipe, command, data, plan.out)
+    run = start_stage(command, recipe, accelerator, plan, data, header, console, log)
     if recipe.train.logps_chunk and linear_head(run.model) is None:
         run.say(
             "train.logps_chunk has no effect: the output layer is not a plain linear map "
