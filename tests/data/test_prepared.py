@@ -277,6 +277,10 @@ def test_prepared_sources_are_loaded_without_reading_them(smol_tokenizer, tmp_pa
     first = prepared.prepare_sources(train, ("sft",), smol_tokenizer, template, cfg)
     assert first.report.truncated and first.sources[0].skipped  # counts worth comparing
     assert len(list(prepared.manifest_path("x").parent.glob("*.sources.json"))) == 1
+    key = prepared.sources_key(train, smol_tokenizer, template, cfg)  # one key, named once
+    assert [Path(f["filename"]) for f in first.rows.dataset.cache_files] == [
+        prepared.cache_path(key)
+    ]
 
     monkeypatch.setattr(prepared, "load_mixture", no_reading)
     again = prepared.prepare_sources(train, ("sft",), smol_tokenizer, template, cfg)

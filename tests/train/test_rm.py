@@ -88,3 +88,13 @@ def test_accumulated_micro_batches_train_like_one_batch(tmp_path, tiny_model_dir
     # step 2's loss is computed with step 1's weights, so it checks the update too (the
     # weights themselves differ in float rounding that Adam magnifies where g ~ 0)
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_sft_data_is_refused_naming_the_file_and_option(tmp_path, tiny_model_dir):
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "Hi", "output": "Hello"}])
+    r = recipe(tmp_path, tiny_model_dir, **{"data.sources": str(sft)})
+    with pytest.raises(
+        AlignkitError, match=r"pair data; .*sft\.jsonl holds sft data\. Check data\.sources"
+    ):
+        train_rm(r)
+    assert not (tmp_path / "rm").exists()  # refused before anything was written

@@ -246,10 +246,16 @@ def quiet_datasets() -> Iterator[None]:
 
 
 def prepare_examples(
-    examples: list[Example], tokenizer: Any, template: ChatTemplate, cfg: DataConfig
+    examples: list[Example],
+    tokenizer: Any,
+    template: ChatTemplate,
+    cfg: DataConfig,
+    key: str | None = None,
 ) -> tuple[TokenizedRows, TokenizeReport]:
     """Tokenized rows and the report, from the cache when this tokenization ran before.
 
+    `key` names the cache files when the caller has keyed the examples already (by their
+    source files: `sources_key`), else they are keyed by their contents.
     Tokenizes in `cfg.num_proc` worker processes (default: `default_num_proc`); under
     several training processes call it on the main one first (the others then read its
     files).
@@ -262,7 +268,7 @@ def prepare_examples(
         return TokenizedRows(empty, "sft", np.arange(0)), TokenizeReport()
     kind = kind_of(examples[0])
     texts = [example_json(e) for e in examples]
-    key = tokenization_key(
+    key = key or tokenization_key(
         hashlib.sha256("\n".join(texts).encode()).hexdigest(), tokenizer, template, cfg
     )
     path = cache_path(key)
@@ -386,7 +392,7 @@ def prepare_sources(
         return found
     examples, reports = load_mixture(data_sources, cfg.strict, cfg.seed)
     check_kind(reports, kinds, option)
-    rows, report = prepare_examples(examples, tokenizer, template, cfg)
+    rows, report = prepare_examples(examples, tokenizer, template, cfg, key)
     prepared = Prepared(rows, report, reports)
     if key:
         write_manifest(key, prepared)

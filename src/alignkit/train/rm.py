@@ -28,6 +28,7 @@ from alignkit.config import Recipe, save_recipe
 from alignkit.config.check import check
 from alignkit.console import captured, live_progress, say, terminal
 from alignkit.data.formats import PreferencePair, _as_messages
+from alignkit.data.prepared import check_kind
 from alignkit.data.sources import load_mixture, read_records
 from alignkit.errors import AlignkitError
 from alignkit.models import load_tokenizer, resolve, resolve_device, resolve_dtype
@@ -109,11 +110,7 @@ def evaluate_rm(model: Any, pairs: list[RmPair], pad_id: int, size: int) -> dict
 
 def rm_pairs(recipe: Recipe, tokenizer: Any, template: str) -> list[RmPair]:
     examples, reports = load_mixture(recipe.data.sources, recipe.data.strict, recipe.data.seed)
-    if reports[0].kind != "pair":
-        raise AlignkitError(
-            f"alignkit rm trains on preference pairs; {reports[0].path} holds {reports[0].kind} "
-            "data. Check data.sources (alignkit data inspect shows what a file holds)."
-        )
+    check_kind(reports, ("pair",), "data.sources")
     return [pair_ids(p, tokenizer, template, recipe.data.max_length) for p in examples]
 
 
