@@ -72,6 +72,24 @@ def test_metric_readers(tmp_path):
     assert rundir.first_last(records, "lr") is None
 
 
+def test_held_out_reward_accuracy_carries_its_standard_error():
+    records = [
+        {"step": 0, "eval_rewards/accuracies": 0.5, "eval_units": 150},
+        {"step": 32, "loss": 0.9, "eval_rewards/accuracies": 2 / 3, "eval_units": 150},
+    ]
+    # binomial: sqrt(p (1 - p) / n) over the 150 held-out pairs
+    assert "eval reward accuracy 0.500 → 0.667 ± 0.038 (150 pairs)" in rundir.training_figures(
+        records
+    )
+    assert "eval reward accuracy 0.6667 ± 0.0385 (150 pairs)" in rundir.training_figures(
+        records[1:]
+    )
+    # logs written before the count was logged: the figure alone
+    assert rundir.training_figures([{"eval_rewards/accuracies": 2 / 3, "eval_loss": 0.5}]).endswith(
+        "eval reward accuracy 0.6667"
+    )
+
+
 def test_load_results_accepts_files_model_dirs_and_eval_dirs(tmp_path):
     for name in ("base", "tuned"):
         rundir.write_json(tmp_path / name / rundir.RESULTS, {"model": name, "summary": {}})

@@ -119,8 +119,14 @@ def hyperparameters(stage: TrainingRecord) -> str:
 
 
 def figures(stage: TrainingRecord) -> str:
+    """The last logged figures; a share of held-out pairs with its standard error."""
     keys = ["loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"]
-    shown = [f"{k} {v:.4f}" for k in keys if (v := rundir.last_value(stage.metrics, k)) is not None]
+    units = rundir.last_value(stage.metrics, "eval_units")
+    shown = [
+        f"{k} {v:.4f}" + (rundir.proportion_error(v, units, 4) if k in rundir.PROPORTIONS else "")
+        for k in keys
+        if (v := rundir.last_value(stage.metrics, k)) is not None
+    ]
     return ", ".join(shown) or "not recorded"
 
 

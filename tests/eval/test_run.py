@@ -266,6 +266,7 @@ def test_offline_run_writes_results_table_and_chart(offline_run, tiny_model_dir)
     assert results[0]["settings"]["arc_challenge"]["num_fewshot"] == 25
     assert results[0]["settings"]["ifeval"]["apply_chat_template"] is True
     assert set(results[0]["task_seconds"]) == set(OFFLINE_TASKS)
+    assert results[0]["dtype"] == "float32"  # the weights scored, as loaded
     assert (
         results[0]["lm_eval"]["gsm8k"]["results"]["gsm8k"]["exact_match,flexible-extract"]
         == summary["gsm8k"]["value"]

@@ -52,6 +52,13 @@ def test_the_table_shows_values_with_standard_errors_and_the_items_scored():
     assert "± is the standard error" in table and "at most 8 items per benchmark" in table
 
 
+def test_the_table_names_weights_scored_in_another_dtype_than_float32():
+    base, final = result("base", arc=(0.5, 0.01, 10, 10)), result("final", arc=(0.6, 0.01, 10, 10))
+    assert "Weights scored in" not in comparison_table([base, final])
+    table = comparison_table([{**base, "dtype": "bfloat16"}, {**final, "dtype": "float32"}])
+    assert "Weights scored in bfloat16 (base), float32 (final)." in table
+
+
 def test_a_change_beyond_twice_the_combined_standard_error_and_one_within():
     # 30.0 -> 50.0: +20 points; combined SE = sqrt(2^2 + 2^2) = 2.83, 2 SE = 5.7 < 20
     assert change({"value": 0.3, "stderr": 0.02}, {"value": 0.5, "stderr": 0.02}) == (

@@ -141,6 +141,8 @@ def test_precomputed_reference_is_cached_reused_and_invalidated(
     calls = counting(monkeypatch)
     first = train_pref(recipe(tmp_path / "a", tiny_model_dir, **settings))
     assert calls["precompute"] == 2  # train and eval pairs
+    evals = [r for r in read_metrics(first / "metrics.jsonl") if "eval_loss" in r]
+    assert evals and all(r["eval_units"] == round(len(PAIRS) * 0.25) for r in evals)
     files = list((tmp_path / "cache" / "ref_logps").glob("*.safetensors"))
     assert len(files) == 2
 
@@ -169,10 +171,10 @@ def test_precomputed_reference_is_cached_reused_and_invalidated(
     start = read_metrics(
         train_pref(recipe(tmp_path / "f", tiny_model_dir, **bf16)) / "metrics.jsonl"
     )[0]
-    # the precomputed reference runs in fp32 before the model is prepared, so a bf16
-    # autocast run reuses it; its policy ties with it up to bf16 rounding at step 0
-    assert calls["precompute"] == 6
-    assert start["step"] == 0 and abs(start["eval_rewards/margins"]) < 1e-3
+    # the reference is precomputed under the run's own autocast: a bf16 run computes its
+    # own cache (bf16 rounding would break the fp32 ties) and its policy ties exactly
+    assert calls["precompute"] == 8
+    assert start["step"] == 0 and start["eval_rewards/margins"] == 0
 
 
 def load_tokenizer_for(model_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import huggingface_hub
@@ -91,7 +92,9 @@ def test_unchanged_stages_skip_and_a_change_reruns_from_there(tmp_path, tiny_mod
     assert "| ARC-Easy (0-shot, acc_norm) †" in card and "tiny-demo" in card
     assert f"| benchmark | {tiny_model_dir.name} | final |" in card  # the eval stage's order
     summary = (run_dir / "summary.md").read_text()
-    assert "| pref | pref | done |" in summary and "eval reward accuracy" in summary
+    assert "| pref | pref | done |" in summary
+    assert re.search(r"eval reward accuracy [\d.]+ (→ [\d.]+ )?± [\d.]+ \(\d+ pairs\)", summary)
+    assert re.search(r"eval_rewards/accuracies [\d.]+ ± [\d.]+ \(\d+ pairs\)", card)
     assert "## Benchmarks" in summary and "sft/training_curves.png" in summary
     pref_weights = (run_dir / "pref" / "adapter_model.safetensors").read_bytes()
 

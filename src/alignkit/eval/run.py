@@ -338,7 +338,8 @@ def model_line(record: dict[str, Any]) -> str:
     for key, item in record["summary"].items():
         firsts.setdefault(key.split("/")[0], figure(item))
     shown = ", ".join(f"{name} {value}" for name, value in firsts.items())
-    return f"{record['model']} done in {record['wall_seconds']:.0f} s: {shown}"
+    dtype = "" if record.get("dtype", "float32") == "float32" else f" ({record['dtype']})"
+    return f"{record['model']}{dtype} done in {record['wall_seconds']:.0f} s: {shown}"
 
 
 def make_task_manager(plan: Plan, folder: Path) -> Any:
@@ -369,6 +370,7 @@ def evaluate_one(
         "model_spec": spec,
         "limit": cfg.limit,
         "offline": plan.offline,
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
         "settings": {},
         "summary": {},
         "task_seconds": {},

@@ -61,10 +61,12 @@ from alignkit.rundir.names import (
     state_file,
 )
 from alignkit.rundir.read import (
+    PROPORTIONS,
     first_last,
     last_value,
     load_results,
     metric_values,
+    proportion_error,
     read_json,
     read_metrics,
     results_files,
@@ -160,6 +162,8 @@ __all__ = [
     "set_aside",
     "state_file",
     "training_figures",
+    "proportion_error",
+    "PROPORTIONS",
     "write_json",
     "write_text",
 ]

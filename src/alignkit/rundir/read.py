@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -63,18 +64,34 @@ EVAL_FIGURES = (
 )
 
 
+# held-out figures that are a share of pairs, shown with their binomial standard error
+PROPORTIONS = ("eval_rewards/accuracies",)
+
+
 def training_figures(records: list[dict[str, float]]) -> str:
-    """The final loss and each held-out figure (first eval -> last eval when it changed)."""
+    """The final loss and each held-out figure (first eval -> last eval when it changed);
+    a share of held-out pairs with its standard error."""
     parts = []
     if (loss := last_value(records, "loss")) is not None:
         parts.append(f"final loss {loss:.4f}")
     for key, name in EVAL_FIGURES:
         values = metric_values(records, key)
-        if len(values) == 1:
-            parts.append(f"{name} {values[0]:.4f}")
-        elif values:
-            parts.append(f"{name} {values[0]:.3f} → {values[-1]:.3f}")
+        digits = 4 if len(values) == 1 else 3
+        shown = " → ".join(f"{v:.{digits}f}" for v in values[:: max(1, len(values) - 1)])
+        if values and key in PROPORTIONS:
+            shown += proportion_error(values[-1], last_value(records, "eval_units"), digits)
+        if values:
+            parts.append(f"{name} {shown}")
     return ", ".join(parts) or "no metrics"
+
+
+def proportion_error(share: float, units: float | None, digits: int) -> str:
+    """` ± se (n pairs)`: the binomial standard error sqrt(p (1 - p) / n) of a share of n
+    pairs; empty when n was not logged."""
+    if not units:
+        return ""
+    se = math.sqrt(share * (1 - share) / units)
+    return f" ± {se:.{digits}f} ({int(units)} pairs)"
 
 
 # ---------------------------------------------------------------- eval results

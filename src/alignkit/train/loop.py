@@ -214,7 +214,8 @@ def eval_chunks(rows: list[Any], size: int, rank: int, world: int) -> list[list[
 
 @torch.no_grad()
 def evaluate(parts: LoopParts) -> dict[str, float]:
-    """eval_loss and eval_<metric>: means over the held-out rows' units (all processes)."""
+    """eval_loss and eval_<metric>: means over the held-out rows' units (all processes:
+    trained tokens, or pairs), and eval_units, their count."""
     acc, model = parts.accelerator, parts.model
     model.eval()
     totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=acc.device)}
@@ -230,8 +231,9 @@ def evaluate(parts: LoopParts) -> dict[str, float]:
             totals[key] = totals.get(key, 0.0) + (value if chunk else torch.zeros_like(value))
         count_total += count.float() if chunk else 0.0
     model.train()
-    means = summed_means(acc, totals, acc.reduce(count_total, "sum").cpu())
-    return {f"eval_{k}": v for k, v in means.items()}
+    units = acc.reduce(count_total, "sum").cpu()
+    means = summed_means(acc, totals, units)
+    return {**{f"eval_{k}": v for k, v in means.items()}, "eval_units": int(units)}
 
 
 def run_loop(parts: LoopParts, resume_from: Path | None = None) -> TrainState:

@@ -144,10 +144,12 @@ def pair_batcher(recipe: Recipe, pad_id: int) -> Callable[[list[TokenizedPair]],
     return partial(pair_batch, pad_id=pad_id, layout=pair_layout(recipe))
 
 
-def scoring_method(recipe: Recipe) -> str:
-    """What besides weights and ids decides the exact reference values (the cache key)."""
+def scoring_method(recipe: Recipe, precision: str) -> str:
+    """What besides weights and ids decides the exact reference values (the cache key):
+    the batch layout and the autocast precision the policy will be scored in."""
     cfg = recipe.train
-    return f"{pair_layout(recipe)} batch={cfg.micro_batch_size} chunk={cfg.logps_chunk}"
+    layout = f"{pair_layout(recipe)} batch={cfg.micro_batch_size} chunk={cfg.logps_chunk}"
+    return layout if precision == "no" else f"{layout} autocast={precision}"
 
 
 def check_model_input(recipe: Recipe) -> None:
@@ -177,7 +179,7 @@ def attach_reference(run: StageRun, score: Scorer, model_fp: str) -> None:
             run.verbose,
             acc,
         )
-        method = scoring_method(recipe)
+        method = scoring_method(recipe, acc.mixed_precision)
         with_ref, path, hit = cached_reference(rows, model_fp, method, compute, acc)
         setattr(data, split, with_ref)
         run.note(f"reference log-probs ({split[:-5]}): {'reused' if hit else 'wrote'} {path}")
@@ -199,9 +201,20 @@ def prepare_reference(run: StageRun) -> Any | None:
         ref_model = prepare_reference_model(run.accelerator, ref_model)
     if recipe.pref.precompute_ref:  # the pairs split over the processes, one cache file
         score = reference_scorer(run.model, run.model, ref_model, recipe.train.logps_chunk)
-        attach_reference(run, score, model_fp)
+        attach_reference(run, autocast_like_policy(run.accelerator, score), model_fp)
         return None
     return ref_model
+
+
+def autocast_like_policy(acc: Any, score: Scorer) -> Scorer:
+    """`score` under the stage's autocast, as the prepared policy runs: the reference is
+    then what a live one would be (bf16 rounding kept out of fp32 ties, and back)."""
+
+    def scored(batch: SequenceBatch) -> torch.Tensor:
+        with acc.autocast():
+            return score(batch)
+
+    return scored
 
 
 def pref_loss_sums(run: StageRun, names: list[str], weights: list[float], ref_model: Any) -> Any:
