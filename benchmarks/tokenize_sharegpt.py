@@ -12,13 +12,18 @@ them (the bundled SmolLM2 tokenizer and its chat template, max_length 1024):
   that loads the cache by the file's digest (without reading its rows); then N processes
   started together (torch.distributed, gloo) where the main process tokenizes and the
   others load its cache, as `alignkit sft` does.
-- `list`: `tokenize.tokenize_examples` in one process, no cache (the old path; run it with
-  PYTHONPATH pointing at an older checkout's src to time the code before the cache).
+- `list`: `tokenize.tokenize_examples`, no cache (the old path; run it with PYTHONPATH
+  pointing at an older checkout's src to time the code before the cache): one process,
+  then N processes started together, each tokenizing the whole file as the old code did.
+- `inspect`: `alignkit data inspect FILE --max-length 1024` end to end in a fresh process
+  and cache (the command the issue's first figure was taken with), rows in the file per
+  second of its wall time; with PYTHONPATH at an older checkout, the old command.
 
 Peak RSS is each process's ru_maxrss; the map workers' peak is reported beside it.
 
     python benchmarks/tokenize_sharegpt.py --rows 128000 --repeats 2
     PYTHONPATH=/path/to/old/src python benchmarks/tokenize_sharegpt.py --path list --rows 20000
+    python benchmarks/tokenize_sharegpt.py --path inspect --rows 20000 --repeats 3
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -96,7 +102,9 @@ def worker(args: argparse.Namespace) -> None:
         state = PartialState(cpu=True)
         state.wait_for_everyone()
         start = time.perf_counter()
-        with state.local_main_process_first():
+        # the old path: every process tokenizes the file at once; the new: main first
+        first = nullcontext() if args.path == "list" else state.local_main_process_first()
+        with first:
             kept = tokenize_file(args.file, args.path, tokenizer)
         state.wait_for_everyone()
     else:
@@ -139,6 +147,27 @@ def launch(args: argparse.Namespace, cache: Path, world: int) -> list[dict]:
     return sorted((json.loads(line[7:]) for line in lines), key=lambda r: r["rank"])
 
 
+def inspect_run(path: str, cache: Path) -> dict:
+    """`alignkit data inspect` on the file in a fresh process and cache: wall time, and the
+    peak RSS of the command (its tokenizing workers included in `workers_rss_gb`)."""
+    from alignkit.models import cache_dir
+
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / "gguf").exists():
+        (cache / "gguf").symlink_to(cache_dir() / "gguf")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "alignkit", "data", "inspect", path, "--max-length", "1024"],
+        env={**os.environ, "ALIGNKIT_CACHE": str(cache)},
+        stdout=subprocess.DEVNULL,
+        check=True,
+    )
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"seconds": seconds, "rss_gb": max(peak, before) / 2**20, "workers_rss_gb": 0.0}
+
+
 def spread(values: list[float], digits: int = 2) -> str:
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -162,7 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=128_000)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--path", choices=["dataset", "list"], default="dataset")
+    parser.add_argument("--path", choices=["dataset", "list", "inspect"], default="dataset")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
@@ -179,9 +208,17 @@ def main() -> None:
             f"{args.rows} synthetic ShareGPT conversations (1-3 turns, system prompt), "
             f"path={args.path}, {len(os.sched_getaffinity(0))} cores, {args.repeats} repeats"
         )
+        if args.path == "inspect":
+            runs = [[inspect_run(args.file, Path(tmp) / f"cache{i}")] for i in range(args.repeats)]
+            report("data inspect, cold", runs, args.rows)
+            return
         if args.path == "list":
             runs = [launch(args, Path(tmp) / f"cache{i}", 1) for i in range(args.repeats)]
             report("list (no cache)", runs, args.rows)
+            together = [
+                launch(args, Path(tmp) / f"cache{i}", args.processes) for i in range(args.repeats)
+            ]
+            report(f"list, {args.processes} processes", together, args.rows)
             return
         cold, cached, together = [], [], []
         for i in range(args.repeats):

@@ -13,8 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from alignkit.chat_templates import resolve_template
-from alignkit.config import DataSource, Recipe
-from alignkit.data.prepared import prepare_examples
+from alignkit.config import DataConfig, DataSource, Recipe
+from alignkit.data.prepared import TokenizedRows, prepare_examples
 from alignkit.data.sources import SourceReport, load_source
 from alignkit.data.tokenize import (
     IDENTICAL_AFTER_TRUNCATION,
@@ -41,42 +41,108 @@ class InspectReport:
 KIND_NAMES = {"sft": "sft conversations", "pair": "preference pairs", "feedback": "feedback"}
 
 
-def _lengths(item: Any) -> tuple[int, int]:
-    """(prompt tokens, total tokens) of a tokenized item; pairs count the longer completion."""
-    if isinstance(item, TokenizedExample):
-        first_trained = item.labels_mask.index(True) if True in item.labels_mask else 0
-        return first_trained, len(item.input_ids)
-    if isinstance(item, TokenizedPair):
-        return len(item.prompt_ids), len(item.prompt_ids) + max(
-            len(item.chosen_ids), len(item.rejected_ids)
-        )
-    return len(item.prompt_ids), len(item.prompt_ids) + len(item.completion_ids)
-
-
-def _percentiles(values: list[int]) -> dict[int, int]:
-    if not values:
+def _percentiles(values: np.ndarray) -> dict[int, int]:
+    if not len(values):
         return {}
     return {p: int(np.percentile(values, p, method="higher")) for p in PERCENTILES}
+
+
+@dataclass(frozen=True)
+class Part:
+    """Stored items, with the example each comes from (in order)."""
+
+    rows: TokenizedRows
+    owner: np.ndarray
 
 
 def inspect_source(recipe: Recipe, source: DataSource) -> InspectReport:
     tokenizer = load_tokenizer(recipe.model)
     template = resolve_template(recipe.model.chat_template, tokenizer)
     examples, source_report = load_source(source, recipe.data.strict)
-    unlimited = dataclasses.replace(
-        recipe.data, max_length=1 << 30, max_prompt_length=(1 << 30) - 1
-    )
-    full, _ = prepare_examples(examples, tokenizer, template, unlimited)
-    _, limited = prepare_examples(examples, tokenizer, template, recipe.data)
-    sizes = [_lengths(item) for item in full]
+    # tokenized as training will (and cached for it); only what the limit changed again
+    rows, limited = prepare_examples(examples, tokenizer, template, recipe.data)
+    parts = unlimited_parts(examples, rows, tokenizer, template, recipe.data)
+    prompts, totals = zip(*(stored_lengths(part.rows) for part in parts), strict=True)
+    first = first_item(parts)
     return InspectReport(
         source=source_report,
-        lengths=_percentiles([total for _, total in sizes]),
-        prompt_lengths=_percentiles([prompt for prompt, _ in sizes]),
+        lengths=_percentiles(np.concatenate(totals)),
+        prompt_lengths=_percentiles(np.concatenate(prompts)),
         at_max_length=limited,
         max_length=recipe.data.max_length,
-        example=(full[0], tokenizer) if len(full) else None,
+        example=None if first is None else (first, tokenizer),
     )
+
+
+def owners(dataset: Any) -> np.ndarray:
+    """The example each stored outcome row comes from (a row starts each example's run)."""
+    return np.cumsum(np.asarray(dataset.data.column("first"), dtype=bool)) - 1
+
+
+def unlimited_parts(
+    examples: list[Any], rows: TokenizedRows, tokenizer: Any, template: Any, cfg: DataConfig
+) -> list[Part]:
+    """Every example's items with no length limit: the items at `cfg`'s limit that the
+    limit left alone, and the other examples tokenized again without one.
+
+    An example none of whose items was truncated or dropped at `cfg`'s limit has the same
+    items with no limit (truncation is the only step the limit decides).
+    """
+    table = rows.dataset.data
+    owner = owners(rows.dataset)
+    changed = np.asarray(table.column("truncated"), dtype=bool)
+    changed |= ~np.asarray(table.column("dropped").is_null(), dtype=bool)
+    again = np.unique(owner[changed])
+    unlimited = dataclasses.replace(cfg, max_length=1 << 30, max_prompt_length=(1 << 30) - 1)
+    redone, _ = prepare_examples([examples[i] for i in again], tokenizer, template, unlimited)
+    kept = ~np.isin(owner[rows.index], again)
+    return [
+        Part(rows.subset(np.flatnonzero(kept)), owner[rows.index][kept]),
+        Part(redone, again[owners(redone.dataset)[redone.index]]),
+    ]
+
+
+def first_item(parts: list[Part]) -> Any | None:
+    """The first example's first item (each part's rows are in example order)."""
+    present = [part for part in parts if len(part.rows)]
+    return min(present, key=lambda part: part.owner[0]).rows[0] if present else None
+
+
+def list_lengths(rows: TokenizedRows, name: str) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    column = rows.dataset.data.column(name).take(rows.index)
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def first_true(rows: TokenizedRows, name: str) -> np.ndarray:
+    """Per row, the index of the first True in a list-of-bool column (0 when none is)."""
+    import pyarrow.compute as pc
+
+    column = rows.dataset.data.column(name).take(rows.index).combine_chunks()
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(bool)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    start = np.cumsum(lengths) - lengths
+    trues = np.flatnonzero(values)
+    found, at = np.unique(row[trues], return_index=True)
+    first = np.zeros(len(lengths), dtype=np.int64)
+    first[found] = trues[at] - start[found]
+    return first
+
+
+def stored_lengths(rows: TokenizedRows) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt tokens, total tokens) of each stored item: a conversation's prompt is what
+    comes before its first trained token; pairs count the longer completion."""
+    if not len(rows):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if rows.kind == "sft":
+        return first_true(rows, "labels_mask"), list_lengths(rows, "input_ids")
+    prompt = list_lengths(rows, "prompt_ids")
+    if rows.kind == "pair":
+        longer = np.maximum(list_lengths(rows, "chosen_ids"), list_lengths(rows, "rejected_ids"))
+        return prompt, prompt + longer
+    return prompt, prompt + list_lengths(rows, "completion_ids")
 
 
 def highlight(item: Any, tokenizer: Any) -> Text:
