@@ -149,23 +149,24 @@ def launch(args: argparse.Namespace, cache: Path, world: int) -> list[dict]:
 
 def inspect_run(path: str, cache: Path) -> dict:
     """`alignkit data inspect` on the file in a fresh process and cache: wall time, and the
-    peak RSS of the command (its tokenizing workers included in `workers_rss_gb`)."""
+    largest peak RSS of the command and the tokenizing workers it waited for."""
     from alignkit.models import cache_dir
 
     cache.mkdir(parents=True, exist_ok=True)
     if not (cache / "gguf").exists():
         (cache / "gguf").symlink_to(cache_dir() / "gguf")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    subprocess.run(
+    command = subprocess.Popen(
         [sys.executable, "-m", "alignkit", "data", "inspect", path, "--max-length", "1024"],
         env={**os.environ, "ALIGNKIT_CACHE": str(cache)},
         stdout=subprocess.DEVNULL,
-        check=True,
     )
+    _, status, usage = os.wait4(command.pid, 0)  # this command's own usage, not all children's
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"seconds": seconds, "rss_gb": max(peak, before) / 2**20, "workers_rss_gb": 0.0}
+    command.returncode = os.waitstatus_to_exitcode(status)
+    if command.returncode:
+        raise SystemExit(f"alignkit data inspect failed with exit code {command.returncode}")
+    return {"seconds": seconds, "rss_gb": usage.ru_maxrss / 2**20, "workers_rss_gb": 0.0}
 
 
 def spread(values: list[float], digits: int = 2) -> str:

@@ -57,6 +57,9 @@ def test_the_table_names_weights_scored_in_another_dtype_than_float32():
     assert "Weights scored in" not in comparison_table([base, final])
     table = comparison_table([{**base, "dtype": "bfloat16"}, {**final, "dtype": "float32"}])
     assert "Weights scored in bfloat16 (base), float32 (final)." in table
+    # results written before the dtype was recorded (on a GPU, `auto` was bfloat16)
+    table = comparison_table([base, {**final, "dtype": "float32"}])
+    assert "Weights scored in a dtype not recorded (base), float32 (final)." in table
 
 
 def test_a_change_beyond_twice_the_combined_standard_error_and_one_within():

@@ -399,3 +399,22 @@ def test_cli_dpo_alias_runs(tmp_path, tiny_model_dir):
     assert code == 0
     saved = load_recipe(tmp_path / "out" / "config.yaml")
     assert saved.pref.loss == ["ipo"] and saved.pref.beta == 0.2
+
+
+def test_the_reference_cache_key_names_the_numerics_actually_applied(tmp_path, tiny_model_dir):
+    from types import SimpleNamespace
+
+    r = recipe(tmp_path, tiny_model_dir)
+
+    def acc(precision, native_amp, kind="NO"):
+        return SimpleNamespace(
+            mixed_precision=precision, native_amp=native_amp, distributed_type=f"Kind.{kind}"
+        )
+
+    plain = pref.scoring_method(r, acc("no", False))
+    assert pref.scoring_method(r, acc("bf16", True)) != plain  # autocast applied
+    # DeepSpeed reports bf16 without autocasting (native_amp False): the values are not
+    # autocast ones, and its engine's own bf16 weights are not a single device's either
+    deepspeed = pref.scoring_method(r, acc("bf16", False, "DEEPSPEED"))
+    assert "autocast" not in deepspeed and deepspeed != plain
+    assert pref.scoring_method(r, acc("no", False, "MULTI_CPU")) == plain  # DDP: same numerics

@@ -59,7 +59,7 @@ def inspect_source(recipe: Recipe, source: DataSource) -> InspectReport:
     tokenizer = load_tokenizer(recipe.model)
     template = resolve_template(recipe.model.chat_template, tokenizer)
     examples, source_report = load_source(source, recipe.data.strict)
-    # tokenized as training will (and cached for it); only what the limit changed again
+    # tokenized once at the limit; only what the limit changed is tokenized again
     rows, limited = prepare_examples(examples, tokenizer, template, recipe.data)
     parts = unlimited_parts(examples, rows, tokenizer, template, recipe.data)
     prompts, totals = zip(*(stored_lengths(part.rows) for part in parts), strict=True)

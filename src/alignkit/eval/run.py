@@ -338,7 +338,7 @@ def model_line(record: dict[str, Any]) -> str:
     for key, item in record["summary"].items():
         firsts.setdefault(key.split("/")[0], figure(item))
     shown = ", ".join(f"{name} {value}" for name, value in firsts.items())
-    dtype = "" if record.get("dtype", "float32") == "float32" else f" ({record['dtype']})"
+    dtype = "" if record["dtype"] == "float32" else f" ({record['dtype']})"
     return f"{record['model']}{dtype} done in {record['wall_seconds']:.0f} s: {shown}"
 
 

@@ -110,9 +110,12 @@ def comparison_table(results: list[dict[str, Any]]) -> str:
             f"Generated answers capped at {max(caps - {None})} tokens (`--max-gen-toks`); "
             "IFEval normally allows 1280 and GSM8K 256."
         )
-    dtypes = [r.get("dtype", "float32") for r in results]
-    if set(dtypes) != {"float32"}:
-        shown = ", ".join(f"{d} ({r['model']})" for d, r in zip(dtypes, results, strict=True))
+    dtypes = [r.get("dtype") for r in results]  # results written before it: not recorded
+    if any(dtypes) and set(dtypes) != {"float32"}:
+        shown = ", ".join(
+            f"{d or 'a dtype not recorded'} ({r['model']})"
+            for d, r in zip(dtypes, results, strict=True)
+        )
         footer.append(f"Weights scored in {shown}.")
     return "\n".join(lines) + ("\n\n" + "\n\n".join(footer) if footer else "")
 

@@ -144,12 +144,22 @@ def pair_batcher(recipe: Recipe, pad_id: int) -> Callable[[list[TokenizedPair]],
     return partial(pair_batch, pad_id=pad_id, layout=pair_layout(recipe))
 
 
-def scoring_method(recipe: Recipe, precision: str) -> str:
+# distributed kinds whose engine, not Accelerate's autocast, decides the scoring numerics
+ENGINE_NUMERICS = ("DEEPSPEED", "FSDP")
+
+
+def scoring_method(recipe: Recipe, acc: Any) -> str:
     """What besides weights and ids decides the exact reference values (the cache key):
-    the batch layout and the autocast precision the policy will be scored in."""
+    the batch layout, the autocast precision actually applied (DeepSpeed names a precision
+    it does not autocast in), and a sharding engine that casts weights itself."""
     cfg = recipe.train
-    layout = f"{pair_layout(recipe)} batch={cfg.micro_batch_size} chunk={cfg.logps_chunk}"
-    return layout if precision == "no" else f"{layout} autocast={precision}"
+    method = f"{pair_layout(recipe)} batch={cfg.micro_batch_size} chunk={cfg.logps_chunk}"
+    if getattr(acc, "native_amp", False) and acc.mixed_precision != "no":
+        method += f" autocast={acc.mixed_precision}"
+    kind = str(acc.distributed_type).rsplit(".", 1)[-1]
+    if kind in ENGINE_NUMERICS:
+        method += f" engine={kind} precision={acc.mixed_precision}"
+    return method
 
 
 def check_model_input(recipe: Recipe) -> None:
@@ -179,7 +189,7 @@ def attach_reference(run: StageRun, score: Scorer, model_fp: str) -> None:
             run.verbose,
             acc,
         )
-        method = scoring_method(recipe, acc.mixed_precision)
+        method = scoring_method(recipe, acc)
         with_ref, path, hit = cached_reference(rows, model_fp, method, compute, acc)
         setattr(data, split, with_ref)
         run.note(f"reference log-probs ({split[:-5]}): {'reused' if hit else 'wrote'} {path}")
