@@ -956,3 +956,35 @@ def test_bad_input_is_a_named_error_and_changes_nothing(case, template, tmp_path
     for expected in case.expect:
         assert expected.replace("{ws}", str(ws)) in err, f"{expected!r} not in: {err}"
     assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("command", ["inspect", "sft"])
+def test_a_file_this_user_cannot_read_is_a_named_error(
+    command, template, tmp_path, capsys, monkeypatch
+):
+    """Permissions cannot be taken from root (which runs some CI), so the denial comes
+    from `open` for the one data file; everything else opens as usual."""
+    import builtins
+    import errno
+    import io
+    import shutil
+
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws)
+    data = ws / "good.jsonl"
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if str(file) == str(data):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    monkeypatch.setattr(io, "open", denied)  # what pathlib opens with
+    argv = inspect("good.jsonl")(ws) if command == "inspect" else sft()(ws)
+    before = snapshot(ws)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and str(data) in err and "permission" in err.lower()
+    assert snapshot(ws) == before

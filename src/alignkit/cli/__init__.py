@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         handler(args, extra)
     except AlignkitError as exc:
         return report(str(exc))
+    except PermissionError as exc:
+        where = exc.filename or "a file or directory this command uses"
+        return report(
+            f"Permission denied: '{where}'. This user may not read it (or write there, for an "
+            "output). Change its permissions, or pass a path this user can use."
+        )
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
