@@ -113,6 +113,50 @@ def test_shared_context_scores_equal_lm_evals(tiny_model_dir, smol_tokenizer):
     assert shared[-1][1] is True
 
 
+def test_contexts_sharing_a_prefix_run_it_once_and_score_as_lm_eval(tiny_model_dir, smol_tokenizer):
+    """MMLU's 5-shot contexts share their shots within a subject: the shared prefix runs
+    once per run of such contexts, each item only its own tokens, with lm-eval's scores."""
+    from lm_eval.models.huggingface import HFLM
+
+    from alignkit.config import ModelConfig
+    from alignkit.eval import fastlm
+    from alignkit.eval.fastlm import MIN_SHARED_PREFIX, SharedContextLM
+    from alignkit.models import load_model
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")).eval()
+    with torch.no_grad():  # sharper weights, so that a wrong cache would show
+        for p in model.parameters():
+            p.mul_(3.0)
+    gen = torch.Generator().manual_seed(1)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, 5000, (n,), generator=gen).tolist()
+
+    shots, other = ids(3 * MIN_SHARED_PREFIX), ids(3 * MIN_SHARED_PREFIX)
+    contexts = [shots + ids(n) for n in (1, 5, 12)] + [other + ids(4), other + ids(9)]
+    contexts.append(ids(MIN_SHARED_PREFIX // 2))  # shares nothing: runs whole
+    requests = [(None, c, ids(n)) for c in contexts for n in (1, 2, 4)]
+    kwargs = {"pretrained": model, "tokenizer": smol_tokenizer, "batch_size": 4, "device": "cpu"}
+    plain = HFLM(**kwargs)._loglikelihood_tokens(requests, disable_tqdm=True)
+    fed: list[int] = []
+
+    def count(_, args, kwargs):
+        fed.append((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[1])
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    shared = SharedContextLM(**kwargs)._loglikelihood_tokens(requests, disable_tqdm=True)
+    with_sharing, fed[:] = sum(fed), []
+    with pytest.MonkeyPatch.context() as mp:  # no prefix is long enough to share
+        mp.setattr(fastlm, "MIN_SHARED_PREFIX", 10**9)
+        unshared = SharedContextLM(**kwargs)._loglikelihood_tokens(requests, disable_tqdm=True)
+    hook.remove()
+    for (a, greedy_a), (b, greedy_b), (c, greedy_c) in zip(plain, shared, unshared, strict=True):
+        assert b == pytest.approx(a, abs=1e-4) and greedy_a == greedy_b
+        assert c == pytest.approx(a, abs=1e-4) and greedy_a == greedy_c
+    # each shared prefix ran once: 2 of the 3 shot contexts' and 1 of the 2 others' spared
+    assert sum(fed) - with_sharing == 2 * len(shots) + len(other)
+
+
 def test_growing_cache_generates_what_the_dynamic_cache_does(tiny_model_dir, smol_tokenizer):
     from transformers import AutoModelForCausalLM
     from transformers.cache_utils import Cache

@@ -1,13 +1,15 @@
-"""Faster lm-eval scoring: each shared context computed once; generation without
-re-copying the KV cache at every step.
+"""Faster lm-eval scoring: each shared context, and each prefix that contexts share,
+computed once; generation without re-copying the KV cache at every step.
 
 lm-eval's HF wrapper scores every (context, continuation) pair as one full sequence
 and takes log-softmax over the vocabulary at every position. A 25-shot ARC item
 thus runs its ~1,000-token context four times. Here each distinct context runs
 once with a KV cache (asking the model for the last position's logits only), and
 its continuations run together on copies of that cache, so the work per item is
-one context plus a few short continuations. Scores equal lm-eval's: the same
-log-probabilities of the same tokens, and the same greedy check.
+one context plus a few short continuations. Contexts that share a long prefix (MMLU's
+5-shot contexts share their subject's shots) run it once, then each only its own tokens
+on a copy of its cache. Scores equal lm-eval's: the same log-probabilities of the same
+tokens, and the same greedy check.
 
 For generation, transformers' dynamic cache concatenates every layer's keys and values
 with the new token at each step, copying the whole cache; at 1,000+ tokens that copy
@@ -29,8 +31,10 @@ from tqdm import tqdm
 from transformers.cache_utils import Cache, DynamicLayer
 
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
+Prefix = tuple[int, Any]  # (tokens, the KV cache after them)
 CPU_GENERATE_BATCH = 32
 MIN_CAPACITY = 256
+MIN_SHARED_PREFIX = 32  # tokens contexts must share for the shared part to run once
 
 
 class GrowingLayer(DynamicLayer):
@@ -90,17 +94,60 @@ def growing_cache_fits(model: Any) -> bool:
     return types == {"full_attention"} and not getattr(config, "sliding_window", None)
 
 
+def common_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """How many leading tokens two sequences share."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def prefix_runs(contexts: list[tuple[int, ...]]) -> list[tuple[int, list[tuple[int, ...]]]]:
+    """The contexts in sorted order, cut into runs with the prefix length they all share
+    (and that leaves each at least one token of its own): MMLU's 5-shot contexts share
+    their subject's shots. A run sharing fewer than MIN_SHARED_PREFIX tokens is one
+    context with 0."""
+    runs: list[tuple[int, list[tuple[int, ...]]]] = []
+    for context in sorted(contexts):
+        if runs:
+            shared, members = runs[-1]
+            bound = shared if len(members) > 1 else len(members[0]) - 1
+            length = min(bound, common_length(members[0], context), len(context) - 1)
+            if length >= MIN_SHARED_PREFIX:
+                runs[-1] = (length, [*members, context])
+                continue
+        runs.append((0, [context]))
+    return runs
+
+
+@torch.no_grad()
+def run_prefix(model: Any, tokens: tuple[int, ...]) -> Prefix:
+    device = next(model.parameters()).device
+    out = model(torch.tensor([tokens], device=device), use_cache=True, logits_to_keep=1)
+    return len(tokens), out.past_key_values
+
+
 @torch.no_grad()
 def score_continuations(
-    model: Any, context: list[int], continuations: list[list[int]], batch_size: int
+    model: Any,
+    context: list[int],
+    continuations: list[list[int]],
+    batch_size: int,
+    shared: Prefix | None = None,
 ) -> list[tuple[float, bool]]:
     """Sum of log p(continuation | context) and whether greedy decoding would produce it.
 
-    The context runs once; its cache is copied for each batch of continuations,
-    which run right-padded (padding after a causal sequence cannot affect it).
+    The context runs once (after a copy of the `shared` prefix's cache, when given: only
+    its own tokens); its cache is copied for each batch of continuations, which run
+    right-padded (padding after a causal sequence cannot affect it).
     """
     device = next(model.parameters()).device
-    prefix = model(torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
+    start, past = shared if shared is not None else (0, None)
+    prefix = model(
+        torch.tensor([context[start:]], device=device),
+        past_key_values=copy.deepcopy(past) if past is not None else None,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     first = prefix.logits[0, -1].float().log_softmax(-1)
     first_greedy = int(first.argmax())
     scores = []
@@ -180,14 +227,17 @@ class SharedContextLM(HFLM):
             disable=disable_tqdm or self.rank != 0,
             desc="Scoring choices (shared context)",
         )
-        for context, indices in sorted(groups.items(), key=lambda g: -len(g[0])):
-            answers = score_continuations(
-                self.model, list(context), [requests[i][2] for i in indices], size
-            )
-            for i, answer in zip(indices, answers, strict=True):
-                results[i] = answer
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-            bar.update(len(indices))
+        for length, contexts in prefix_runs(list(groups)):
+            shared = run_prefix(self.model, contexts[0][:length]) if length else None
+            for context in contexts:
+                indices = groups[context]
+                answers = score_continuations(
+                    self.model, list(context), [requests[i][2] for i in indices], size, shared
+                )
+                for i, answer in zip(indices, answers, strict=True):
+                    results[i] = answer
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                bar.update(len(indices))
         bar.close()
         return results  # type: ignore[return-value]
