@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from families import FAMILIES, VOCAB, tiny_model
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -181,3 +182,42 @@ def test_growing_cache_generates_what_the_dynamic_cache_does(tiny_model_dir, smo
     layer.batch_select_indices(torch.tensor([1]))  # edits leave plain tensors, then regrow
     keys, _ = layer.update(layer.keys[..., -1:, :], layer.values[..., -1:, :])
     assert keys.shape[0] == 1 and torch.equal(keys[..., -1, :], keys[..., -2, :])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cached_scoring_equals_one_full_forward_in_every_family(family, smol_tokenizer):
+    """Scoring a context's choices on its KV cache, whole or after a shared prefix's copied
+    cache, gives what one forward over context + choice gives: sliding windows (shorter
+    than the context here) and MoE routing included. A model whose cache holds a state
+    that cannot be copied per choice (linear attention) is scored by lm-eval's own path."""
+    from alignkit.eval.fastlm import (
+        SharedContextLM,
+        cached_scoring_fits,
+        run_prefix,
+        score_continuations,
+    )
+
+    model = tiny_model(family).eval()
+    gen = torch.Generator().manual_seed(2)
+    context = torch.randint(0, VOCAB, (20,), generator=gen).tolist()
+    choices = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (1, 3, 5)]
+    with torch.no_grad():
+        expected = []
+        for choice in choices:
+            logits = model(torch.tensor([context + choice])).logits[0].float().log_softmax(-1)
+            steps = logits[len(context) - 1 : -1]
+            expected.append(float(steps.gather(-1, torch.tensor(choice)[:, None]).sum()))
+    if cached_scoring_fits(model):
+        prefix = run_prefix(model, tuple(context[:12]))
+        runs = [
+            score_continuations(model, context, choices, batch_size=2),
+            score_continuations(model, context, choices, 2, prefix),
+        ]
+    else:
+        assert family == "qwen3_next"  # the one family here with linear-attention layers
+        lm = SharedContextLM(pretrained=model, tokenizer=smol_tokenizer, batch_size=2, device="cpu")
+        requests = [(None, context, choice) for choice in choices]
+        runs = [lm._loglikelihood_tokens(requests, disable_tqdm=True)]
+    for run in runs:
+        for want, (got, _) in zip(expected, run, strict=True):
+            assert got == pytest.approx(want, abs=1e-4)

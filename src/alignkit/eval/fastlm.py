@@ -22,6 +22,7 @@ extra row, and IFEval answers run to 1,280 tokens).
 from __future__ import annotations
 
 import copy
+import logging
 from collections import defaultdict
 from typing import Any
 
@@ -30,6 +31,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 from transformers.cache_utils import Cache, DynamicLayer
 
+logger = logging.getLogger(__name__)
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
 Prefix = tuple[int, Any]  # (tokens, the KV cache after them)
 CPU_GENERATE_BATCH = 32
@@ -92,6 +94,13 @@ def growing_cache_fits(model: Any) -> bool:
     config = model.config
     types = set(getattr(config, "layer_types", None) or ["full_attention"])
     return types == {"full_attention"} and not getattr(config, "sliding_window", None)
+
+
+def cached_scoring_fits(model: Any) -> bool:
+    """Models whose cache can be copied per choice: attention layers only (a linear-attention
+    or recurrent layer keeps a state the cache cannot repeat per row)."""
+    types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+    return types <= {"full_attention", "sliding_attention"}
 
 
 def common_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -208,7 +217,12 @@ class SharedContextLM(HFLM):
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
     ) -> list[tuple[float, bool]]:
-        if self.backend != "causal":
+        if self.backend != "causal" or not cached_scoring_fits(self.model):
+            if self.backend == "causal":
+                logger.warning(
+                    "%s keeps linear-attention state: scored by lm-eval's own path",
+                    type(self.model).__name__,
+                )
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         groups, too_long = group_by_context(requests, self.max_length)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
