@@ -95,9 +95,10 @@ def unlimited_parts(
     again = np.unique(owner[changed])
     unlimited = dataclasses.replace(cfg, max_length=1 << 30, max_prompt_length=(1 << 30) - 1)
     redone, _ = prepare_examples([examples[i] for i in again], tokenizer, template, unlimited)
-    kept = ~np.isin(owner[rows.index], again)
+    stored = owner[rows.index]  # the example of each kept row
+    kept = ~np.isin(stored, again)
     return [
-        Part(rows.subset(np.flatnonzero(kept)), owner[rows.index][kept]),
+        Part(rows.subset(np.flatnonzero(kept)), stored[kept]),
         Part(redone, again[owners(redone.dataset)[redone.index]]),
     ]
 
@@ -108,11 +109,15 @@ def first_item(parts: list[Part]) -> Any | None:
     return min(present, key=lambda part: part.owner[0]).rows[0] if present else None
 
 
-def list_lengths(rows: TokenizedRows, name: str) -> np.ndarray:
+def value_lengths(column: Any) -> np.ndarray:
+    """Each row's list length in an Arrow list column."""
     import pyarrow.compute as pc
 
-    column = rows.dataset.data.column(name).take(rows.index)
     return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def list_lengths(rows: TokenizedRows, name: str) -> np.ndarray:
+    return value_lengths(rows.dataset.data.column(name).take(rows.index))
 
 
 def first_true(rows: TokenizedRows, name: str) -> np.ndarray:
@@ -120,7 +125,7 @@ def first_true(rows: TokenizedRows, name: str) -> np.ndarray:
     import pyarrow.compute as pc
 
     column = rows.dataset.data.column(name).take(rows.index).combine_chunks()
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = value_lengths(column)
     values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(bool)
     row = np.repeat(np.arange(len(lengths)), lengths)
     start = np.cumsum(lengths) - lengths

@@ -76,12 +76,15 @@ def training_figures(records: list[dict[str, float]]) -> str:
         parts.append(f"final loss {loss:.4f}")
     for key, name in EVAL_FIGURES:
         values = metric_values(records, key)
+        if not values:
+            continue
         digits = 4 if len(values) == 1 else 3
-        shown = " → ".join(f"{v:.{digits}f}" for v in values[:: max(1, len(values) - 1)])
-        if values and key in PROPORTIONS:
+        shown = f"{values[0]:.{digits}f}"
+        if len(values) > 1:
+            shown += f" → {values[-1]:.{digits}f}"
+        if key in PROPORTIONS:
             shown += proportion_error(values[-1], last_value(records, "eval_units"), digits)
-        if values:
-            parts.append(f"{name} {shown}")
+        parts.append(f"{name} {shown}")
     return ", ".join(parts) or "no metrics"
 
 

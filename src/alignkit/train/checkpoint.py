@@ -89,9 +89,14 @@ def save_rng(directory: Path, rank: int) -> None:
 # ---------------------------------------------------------------- saving
 
 
+def distributed_kind(acc: Any) -> str:
+    """Accelerate's distributed type by name: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED..."""
+    return str(acc.distributed_type).rsplit(".", 1)[-1]
+
+
 def is_sharded(acc: Any) -> bool:
     """Whether Accelerate saves the weights itself in shards (FSDP, DeepSpeed)."""
-    return str(acc.distributed_type).rsplit(".", 1)[-1] in ("FSDP", "DEEPSPEED")
+    return distributed_kind(acc) in ("FSDP", "DEEPSPEED")
 
 
 def keep_trainable(models: list[Any], weights: list[dict[str, Any]], _directory: str) -> None:

@@ -33,6 +33,7 @@ from alignkit.losses.preference import (
     pair_metrics,
 )
 from alignkit.models import load_model, resolve
+from alignkit.train.checkpoint import distributed_kind, is_sharded
 from alignkit.train.logps import sequence_logps
 from alignkit.train.reference import (
     Scorer,
@@ -144,10 +145,6 @@ def pair_batcher(recipe: Recipe, pad_id: int) -> Callable[[list[TokenizedPair]],
     return partial(pair_batch, pad_id=pad_id, layout=pair_layout(recipe))
 
 
-# distributed kinds whose engine, not Accelerate's autocast, decides the scoring numerics
-ENGINE_NUMERICS = ("DEEPSPEED", "FSDP")
-
-
 def scoring_method(recipe: Recipe, acc: Any) -> str:
     """What besides weights and ids decides the exact reference values (the cache key):
     the batch layout, the autocast precision actually applied (DeepSpeed names a precision
@@ -156,9 +153,8 @@ def scoring_method(recipe: Recipe, acc: Any) -> str:
     method = f"{pair_layout(recipe)} batch={cfg.micro_batch_size} chunk={cfg.logps_chunk}"
     if getattr(acc, "native_amp", False) and acc.mixed_precision != "no":
         method += f" autocast={acc.mixed_precision}"
-    kind = str(acc.distributed_type).rsplit(".", 1)[-1]
-    if kind in ENGINE_NUMERICS:
-        method += f" engine={kind} precision={acc.mixed_precision}"
+    if is_sharded(acc):  # FSDP or DeepSpeed casts the weights itself
+        method += f" engine={distributed_kind(acc)} precision={acc.mixed_precision}"
     return method
 
 

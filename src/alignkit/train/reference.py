@@ -25,6 +25,7 @@ from alignkit.console import live_progress
 from alignkit.data.batching import SequenceBatch
 from alignkit.data.tokenize import TokenizedPair
 from alignkit.models import cache_dir
+from alignkit.train.checkpoint import distributed_kind
 from alignkit.train.logps import sequence_logps
 
 Scorer = Callable[[SequenceBatch], torch.Tensor]
@@ -202,7 +203,7 @@ def prepare_reference_model(acc: Any, model: Any) -> Any:
     """A frozen reference copy placed like the policy: sharded under FSDP2 (Accelerate's
     own FSDP2 preparation) and ZeRO-3 (a DeepSpeed inference engine), on the process's
     device otherwise; never given an optimizer, never saved in checkpoints."""
-    kind = str(acc.distributed_type).rsplit(".", 1)[-1]
+    kind = distributed_kind(acc)
     if kind == "FSDP" and getattr(acc, "is_fsdp2", False):
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
